@@ -1,0 +1,679 @@
+"""Teacher and student segmentation models for AICSD distillation.
+
+Everything model-side lives here: building a model from a ``config:`` preset, a
+local folder or a Hub id; freezing the teacher; checking that teacher, student
+and dataset agree on their classes; getting raw logits out of any
+``AutoModelForSemanticSegmentation`` architecture; and describing the input
+normalisation a model expects.
+
+This module deliberately knows nothing about datasets: class lists come in as
+plain ``id2label`` dicts and pixel tensors as plain tensors.
+
+Input convention used across the toolkit: the data pipeline produces RGB images
+scaled to [0, 1] and normalised with one (mean, std) pair, normally the
+student's (see :func:`processor_mean_std`). A teacher that expects something
+else (another mean/std, or BGR like Apple's MobileViT checkpoints) gets its
+batch converted by :func:`make_input_adapter`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import types
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForSemanticSegmentation,
+    ConvNextConfig,
+    MobileNetV2Config,
+    MobileNetV2ImageProcessorPil,
+    MobileViTConfig,
+    MobileViTImageProcessorPil,
+    PreTrainedConfig,
+    PreTrainedModel,
+    SegformerConfig,
+    SegformerImageProcessorPil,
+    UperNetConfig,
+)
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_IDENTITY_MEAN = (0.0, 0.0, 0.0)
+_IDENTITY_STD = (1.0, 1.0, 1.0)
+
+# Seconds allowed for the single metadata request that decides whether a Hub id
+# is reachable. huggingface_hub's own loaders retry for ~20 s on network errors,
+# which is what we avoid by probing first without retries.
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+class ClassMismatchError(ValueError):
+    """Two class lists (teacher, student, dataset) that must agree do not."""
+
+
+class ModelSourceError(ValueError):
+    """A model name is neither a preset, a usable local folder, nor reachable on the Hub."""
+
+
+# --------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """An offline, random-init model recipe usable wherever a model id is.
+
+    Attributes:
+        name: The ``config:...`` name.
+        description: One line for ``--help`` and error messages.
+        make_config: Returns a fresh config without class information.
+        make_processor: Returns the image processor the matching real checkpoint uses.
+    """
+
+    name: str
+    description: str
+    make_config: Callable[[], PreTrainedConfig]
+    make_processor: Callable[[], object]
+
+
+# MiT encoder shapes from the SegFormer paper (Table 6); b1..b5 share widths.
+_MIT_WIDE = [64, 128, 320, 512]
+_MIT_SHAPES: dict[str, tuple[list[int], list[int], int]] = {
+    "b0": ([32, 64, 160, 256], [2, 2, 2, 2], 256),
+    "b1": (_MIT_WIDE, [2, 2, 2, 2], 256),
+    "b2": (_MIT_WIDE, [3, 4, 6, 3], 768),
+    "b3": (_MIT_WIDE, [3, 4, 18, 3], 768),
+    "b4": (_MIT_WIDE, [3, 8, 27, 3], 768),
+    "b5": (_MIT_WIDE, [3, 6, 40, 3], 768),
+}
+
+
+def _segformer_config(hidden_sizes: list[int], depths: list[int], decoder_hidden_size: int,
+                      num_attention_heads: list[int] | None = None) -> SegformerConfig:
+    return SegformerConfig(
+        hidden_sizes=list(hidden_sizes),
+        depths=list(depths),
+        num_attention_heads=list(num_attention_heads or [1, 2, 5, 8]),
+        sr_ratios=[8, 4, 2, 1],
+        mlp_ratios=[4, 4, 4, 4],
+        decoder_hidden_size=decoder_hidden_size,
+        semantic_loss_ignore_index=255,
+    )
+
+
+def _segformer_processor() -> SegformerImageProcessorPil:
+    # The nvidia/segformer-* checkpoints: ImageNet mean/std, 512x512 resize.
+    return SegformerImageProcessorPil(image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+
+
+def _tiny_segformer_config() -> SegformerConfig:
+    return _segformer_config([16, 32, 64, 128], [1, 1, 1, 1], 64, num_attention_heads=[1, 1, 2, 4])
+
+
+def _deeplabv3_mobilenet_v2_config() -> MobileNetV2Config:
+    # google/deeplabv3_mobilenet_v2_1.0_513: width 1.0, 513 input, output stride 8.
+    return MobileNetV2Config(depth_multiplier=1.0, image_size=513, output_stride=8, layer_norm_eps=0.001,
+                             semantic_loss_ignore_index=255)
+
+
+def _mobilenet_v2_processor() -> MobileNetV2ImageProcessorPil:
+    # Matches that checkpoint's preprocessor_config.json: mean = std = 0.5, 545 -> 513 crop.
+    return MobileNetV2ImageProcessorPil(
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+        size={"shortest_edge": 545}, crop_size={"height": 513, "width": 513},
+    )
+
+
+def _deeplabv3_mobilevit_small_config() -> MobileViTConfig:
+    # apple/deeplabv3-mobilevit-small: MobileViT-S widths, 512 input, output stride 16.
+    return MobileViTConfig(
+        hidden_sizes=[144, 192, 240], neck_hidden_sizes=[16, 32, 64, 96, 128, 160, 640],
+        image_size=512, output_stride=16, attention_probs_dropout_prob=0.0,
+        aspp_out_channels=256, atrous_rates=[6, 12, 18], semantic_loss_ignore_index=255,
+    )
+
+
+def _mobilevit_processor() -> MobileViTImageProcessorPil:
+    # Apple's checkpoints take BGR in [0, 1] with no mean/std (their preprocessor_config
+    # sets do_flip_channel_order and no normalisation); 544 -> 512 crop.
+    return MobileViTImageProcessorPil(
+        do_flip_channel_order=True, size={"shortest_edge": 544}, crop_size={"height": 512, "width": 512},
+    )
+
+
+def _upernet_convnext_tiny_config() -> UperNetConfig:
+    # openmmlab/upernet-convnext-tiny. transformers 5.24 needs lists here, not tuples.
+    backbone = ConvNextConfig(
+        hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3], drop_path_rate=0.3,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    return UperNetConfig(
+        backbone_config=backbone, hidden_size=512, pool_scales=[1, 2, 3, 6],
+        use_auxiliary_head=True, auxiliary_in_channels=384, loss_ignore_index=255,
+    )
+
+
+def _build_presets() -> dict[str, ModelPreset]:
+    presets = {
+        "config:segformer-tiny": ModelPreset(
+            "config:segformer-tiny",
+            "SegFormer with widths 16/32/64/128, one block per stage, 64-d decoder (~0.3M params; tests, CPU demo)",
+            _tiny_segformer_config, _segformer_processor,
+        ),
+    }
+    for variant, (widths, depths, decoder) in _MIT_SHAPES.items():
+        name = f"config:segformer-{variant}"
+        presets[name] = ModelPreset(
+            name,
+            f"SegFormer-{variant.upper()} (MiT-{variant} encoder, {decoder}-d all-MLP decoder), random weights",
+            lambda w=widths, d=depths, h=decoder: _segformer_config(w, d, h),
+            _segformer_processor,
+        )
+    presets["config:deeplabv3-mobilenetv2"] = ModelPreset(
+        "config:deeplabv3-mobilenetv2",
+        "DeepLabV3 + MobileNetV2 1.0 (as google/deeplabv3_mobilenet_v2_1.0_513), random weights",
+        _deeplabv3_mobilenet_v2_config, _mobilenet_v2_processor,
+    )
+    presets["config:mobilevit-s"] = ModelPreset(
+        "config:mobilevit-s",
+        "DeepLabV3 + MobileViT-S (as apple/deeplabv3-mobilevit-small; BGR input, no mean/std), random weights",
+        _deeplabv3_mobilevit_small_config, _mobilevit_processor,
+    )
+    presets["config:upernet-convnext-tiny"] = ModelPreset(
+        "config:upernet-convnext-tiny",
+        "UperNet + ConvNeXt-T (as openmmlab/upernet-convnext-tiny), random weights",
+        _upernet_convnext_tiny_config, _segformer_processor,
+    )
+    return presets
+
+
+MODEL_PRESETS: dict[str, ModelPreset] = _build_presets()
+
+
+def _unknown_preset(name: str) -> ModelSourceError:
+    return ModelSourceError(
+        f"unknown model preset {name!r}: choose one of {', '.join(MODEL_PRESETS)}"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Class lists
+# --------------------------------------------------------------------------------------
+
+
+def normalize_id2label(id2label: dict) -> dict[int, str]:
+    """Return ``id2label`` with int keys 0..C-1 in order, or raise ``ValueError``.
+
+    Accepts str or int keys (JSON files give str keys).
+    """
+    if not id2label:
+        raise ValueError("id2label is empty: pass the dataset's classes as {0: 'name', 1: ...}")
+    try:
+        items = sorted((int(k), str(v)) for k, v in id2label.items())
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"id2label keys must be integers, got {list(id2label)[:5]}...: {err}") from None
+    keys = [k for k, _ in items]
+    if keys != list(range(len(keys))):
+        raise ValueError(
+            f"id2label keys must be 0..{len(keys) - 1} without gaps, got {keys[:20]}: renumber the classes"
+        )
+    return dict(items)
+
+
+def _canonical_name(name: str) -> str:
+    # Checkpoints and label files disagree on spacing/case ("traffic light" vs
+    # "traffic_light", ADE's "bed "), which is not a real class difference.
+    return re.sub(r"[\s_\-]+", " ", str(name)).strip().lower()
+
+
+def _is_placeholder(names: list[str]) -> bool:
+    return all(re.fullmatch(r"label_\d+", n.strip().lower()) for n in names)
+
+
+def _class_lists_differ(a: dict[int, str], b: dict[int, str]) -> bool:
+    if len(a) != len(b):
+        return True
+    names_a = [a[i] for i in range(len(a))]
+    names_b = [b[i] for i in range(len(b))]
+    if _is_placeholder(names_a) or _is_placeholder(names_b):
+        return False
+    return [_canonical_name(n) for n in names_a] != [_canonical_name(n) for n in names_b]
+
+
+def _format_classes(id2label: dict[int, str], limit: int = 40) -> str:
+    names = [id2label[i] for i in range(len(id2label))]
+    shown = ", ".join(repr(n) for n in names[:limit])
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return f"[{shown}{more}]"
+
+
+def _model_id2label(model_or_config: PreTrainedModel | PreTrainedConfig) -> dict[int, str]:
+    config = getattr(model_or_config, "config", model_or_config)
+    return normalize_id2label(dict(config.id2label))
+
+
+def check_same_classes(teacher: PreTrainedModel, student: PreTrainedModel) -> None:
+    """Raise :class:`ClassMismatchError` unless teacher and student predict the same classes.
+
+    Names are compared case-, space- and underscore-insensitively; placeholder
+    names (``LABEL_0``...) only need matching counts.
+    """
+    t, s = _model_id2label(teacher), _model_id2label(student)
+    if _class_lists_differ(t, s):
+        raise ClassMismatchError(
+            f"teacher classes {_format_classes(t)} differ from the student's {_format_classes(s)}: "
+            "distillation needs both models to predict the dataset's classes in the same order"
+        )
+
+
+def _set_labels(config: PreTrainedConfig, id2label: dict[int, str]) -> None:
+    config.num_labels = len(id2label)
+    config.id2label = dict(id2label)
+    config.label2id = {name: idx for idx, name in id2label.items()}
+
+
+# --------------------------------------------------------------------------------------
+# Resolving names: preset, local folder, or Hub id (fast failure)
+# --------------------------------------------------------------------------------------
+
+
+def _presets_hint() -> str:
+    return ", ".join(MODEL_PRESETS)
+
+
+def _unreachable(name: str, reason: str) -> ModelSourceError:
+    return ModelSourceError(
+        f"{name!r} is not a local folder and could not be fetched from the Hub ({reason}): check the id, "
+        "log in with `hf auth login` for private repos, pass a local path, or use a config: preset "
+        f"({_presets_hint()})"
+    )
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+
+
+def _resolve_pretrained(name: str, revision: str | None, filename: str = "config.json") -> dict:
+    """Decide how to load ``name`` without hanging on an unreachable Hub.
+
+    Returns kwargs for ``from_pretrained`` (``local_files_only`` when only the
+    cache can serve it). Raises :class:`ModelSourceError` in well under a second
+    when neither a folder, the cache, nor the Hub can.
+    """
+    import huggingface_hub
+    from huggingface_hub import errors as hf_errors
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / filename).is_file():
+            raise ModelSourceError(
+                f"local folder {str(path)!r} has no {filename}: pass a folder written by save_pretrained"
+            )
+        return {}
+    if path.exists():
+        raise ModelSourceError(f"{name!r} is a file: pass the folder that holds config.json and the weights")
+    if _looks_like_path(name):
+        raise ModelSourceError(
+            f"{name!r} looks like a path but no such folder exists: check the path, or use a config: preset "
+            f"({_presets_hint()})"
+        )
+    try:
+        huggingface_hub.utils.validate_repo_id(name)
+    except hf_errors.HFValidationError as err:
+        raise _unreachable(name, f"not a valid Hub id: {err}") from None
+
+    cached = huggingface_hub.try_to_load_from_cache(name, filename, revision=revision)
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        if isinstance(cached, str):
+            return {"local_files_only": True}
+        raise _unreachable(name, "HF_HUB_OFFLINE=1 and it is not in the local cache")
+    try:
+        huggingface_hub.get_hf_file_metadata(
+            huggingface_hub.hf_hub_url(name, filename, revision=revision),
+            timeout=HUB_PROBE_TIMEOUT_S,
+        )
+    except hf_errors.GatedRepoError:
+        raise _unreachable(name, "the repo is gated: accept its terms on the Hub and log in") from None
+    except hf_errors.RepositoryNotFoundError:
+        raise _unreachable(name, "no such repo, or it is private") from None
+    except hf_errors.RevisionNotFoundError:
+        raise _unreachable(name, f"revision {revision!r} does not exist") from None
+    except hf_errors.EntryNotFoundError:
+        raise _unreachable(name, f"the repo has no {filename}") from None
+    except Exception as err:  # network-level failures come from several HTTP stacks
+        if isinstance(cached, str):
+            logger.warning("Hub unreachable (%s); loading %s from the local cache", type(err).__name__, name)
+            return {"local_files_only": True}
+        raise _unreachable(name, f"{type(err).__name__}: {err}") from None
+    return {}
+
+
+def _is_segmentation_checkpoint(config: PreTrainedConfig) -> bool | None:
+    """True/False when ``architectures`` says whether a segmentation head was saved; None if unknown.
+
+    Early nvidia/segformer-* configs name the class ``SegformerForImageSegmentation``
+    (or ``SegFormer...``), so any "Segmentation" counts; encoder-only checkpoints
+    such as nvidia/mit-b0 say ``...ForImageClassification``.
+    """
+    architectures = getattr(config, "architectures", None) or []
+    if any("Segmentation" in arch for arch in architectures):
+        return True
+    if any(arch.endswith(("ForImageClassification", "Model", "Backbone")) for arch in architectures):
+        return False
+    return None
+
+
+def load_model(
+    name_or_path: str,
+    id2label: dict[int, str],
+    *,
+    role: str = "student",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> PreTrainedModel:
+    """Build or load a semantic-segmentation model predicting ``id2label``'s classes.
+
+    Args:
+        name_or_path: A ``config:`` preset (random weights), a local folder
+            written by ``save_pretrained``, or a Hub id known to
+            ``AutoModelForSemanticSegmentation`` (SegFormer ``nvidia/segformer-*``,
+            encoder-only ``nvidia/mit-b*``, ``google/deeplabv3_mobilenet_v2_1.0_513``,
+            ``apple/deeplabv3-mobilevit-*``, UperNet, ...).
+        id2label: The dataset's classes, ``{0: "road", ...}``.
+        role: ``"student"``: a head with another class count is re-initialised
+            (with a warning) and an encoder-only checkpoint gets a fresh head.
+            ``"teacher"``: the checkpoint must already predict exactly the
+            dataset's classes, otherwise :class:`ClassMismatchError`.
+        trust_remote_code: Passed through to transformers.
+        revision: Hub branch, tag or commit.
+
+    Returns:
+        The model, in training mode (use :func:`freeze` / :func:`load_teacher`
+        for a teacher). Its config carries the dataset's id2label/label2id.
+
+    Raises:
+        ModelSourceError: unknown preset, bad path, or a Hub id that is not
+            reachable (fails fast; no retry loop).
+        ClassMismatchError: teacher classes differ from the dataset's.
+    """
+    if role not in ("student", "teacher"):
+        raise ValueError(f"role must be 'student' or 'teacher', got {role!r}")
+    id2label = normalize_id2label(id2label)
+    num_labels = len(id2label)
+
+    if name_or_path.startswith("config:"):
+        preset = MODEL_PRESETS.get(name_or_path)
+        if preset is None:
+            raise _unknown_preset(name_or_path)
+        config = preset.make_config()
+        _set_labels(config, id2label)
+        if role == "teacher":
+            warnings.warn(
+                f"teacher {name_or_path} has random weights: train it first (or pass a fine-tuned checkpoint), "
+                "otherwise distillation only transfers noise",
+                stacklevel=2,
+            )
+        return AutoModelForSemanticSegmentation.from_config(config, trust_remote_code=trust_remote_code)
+
+    load_kwargs = _resolve_pretrained(name_or_path, revision)
+    load_kwargs.update(revision=revision, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(name_or_path, **load_kwargs)
+    has_head = _is_segmentation_checkpoint(config)
+    ckpt_labels = normalize_id2label(dict(config.id2label)) if getattr(config, "id2label", None) else {}
+
+    if role == "teacher":
+        if has_head is False:
+            raise ClassMismatchError(
+                f"teacher {name_or_path!r} has no segmentation head (architectures={config.architectures}): "
+                "a teacher must be a segmentation checkpoint trained on the dataset's classes"
+            )
+        if _class_lists_differ(ckpt_labels, id2label):
+            raise ClassMismatchError(
+                f"teacher classes {_format_classes(ckpt_labels)} differ from the dataset's "
+                f"{_format_classes(id2label)}: pass a teacher fine-tuned on this dataset, or check the "
+                "dataset's id2label / label mapping"
+            )
+    elif has_head is False:
+        logger.info("%s is an encoder-only checkpoint: a fresh %d-class head is initialised", name_or_path, num_labels)
+    elif len(ckpt_labels) != num_labels:
+        warnings.warn(
+            f"{name_or_path}: its head predicts {len(ckpt_labels)} classes, the dataset has {num_labels}; "
+            "the head is re-initialised with random weights",
+            stacklevel=2,
+        )
+
+    _set_labels(config, id2label)
+    return AutoModelForSemanticSegmentation.from_pretrained(
+        name_or_path,
+        config=config,
+        ignore_mismatched_sizes=(role == "student"),
+        **load_kwargs,
+    )
+
+
+def _frozen_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    # A frozen teacher must never switch dropout/batch-norm statistics back on,
+    # even when a training loop calls .train() on every module it holds.
+    return nn.Module.train(self, False)
+
+
+# Pickle stores a bound method as getattr(obj, __name__); naming it "train" keeps
+# torch.save(teacher) / pickle working (the copy falls back to the normal method).
+_frozen_train.__name__ = "train"
+
+
+def freeze(model: PreTrainedModel) -> PreTrainedModel:
+    """Put ``model`` in eval mode for good and stop all gradients; returns it.
+
+    After this, ``model.train()`` is a no-op (the model stays in eval mode), so a
+    loop that toggles every module cannot un-freeze batch-norm statistics.
+    """
+    model.eval()
+    model.requires_grad_(False)
+    model.train = types.MethodType(_frozen_train, model)
+    return model
+
+
+def load_teacher(name_or_path: str, id2label: dict[int, str], *, trust_remote_code: bool = False,
+                 revision: str | None = None) -> PreTrainedModel:
+    """:func:`load_model` with ``role="teacher"``, then :func:`freeze`."""
+    model = load_model(name_or_path, id2label, role="teacher", trust_remote_code=trust_remote_code,
+                       revision=revision)
+    return freeze(model)
+
+
+def load_student(name_or_path: str, id2label: dict[int, str], *, trust_remote_code: bool = False,
+                 revision: str | None = None) -> PreTrainedModel:
+    """:func:`load_model` with ``role="student"``."""
+    return load_model(name_or_path, id2label, role="student", trust_remote_code=trust_remote_code,
+                      revision=revision)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters, trainable and frozen."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def segmentation_logits(model: PreTrainedModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Raw class logits of a segmentation model.
+
+    Args:
+        model: Any ``*ForSemanticSegmentation`` model.
+        pixel_values: (B, 3, H, W) float, already in the model's input
+            convention (see :func:`make_input_adapter`).
+
+    Returns:
+        (B, C, h, w) logits at the model's native output stride: H/4 for
+        SegFormer, H/8..H/32 for MobileNetV2/MobileViT DeepLabV3, H for UperNet.
+        Labels are never passed, so no loss is computed (transformers' built-in
+        cross-entropy returns NaN on a batch whose pixels are all ignored).
+    """
+    if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+        raise ValueError(f"pixel_values must be (B, 3, H, W), got {tuple(pixel_values.shape)}")
+    logits = model(pixel_values=pixel_values, return_dict=True).logits
+    if logits.dim() != 4:
+        raise ValueError(
+            f"{type(model).__name__} returned logits of shape {tuple(logits.shape)}, expected (B, C, h, w)"
+        )
+    return logits
+
+
+# --------------------------------------------------------------------------------------
+# Image processors and input normalisation
+# --------------------------------------------------------------------------------------
+
+
+_FAMILY_PROCESSORS: dict[str, Callable[[], object]] = {
+    "segformer": _segformer_processor,
+    "upernet": _segformer_processor,
+    "mobilenet_v2": _mobilenet_v2_processor,
+    "mobilevit": _mobilevit_processor,
+    "mobilevitv2": _mobilevit_processor,
+}
+
+
+def load_image_processor(name_or_path: str, *, revision: str | None = None,
+                         trust_remote_code: bool = False) -> object:
+    """The image processor matching a model name.
+
+    ``config:`` presets get the processor their real checkpoint ships (ImageNet
+    mean/std for SegFormer and UperNet, mean = std = 0.5 for DeepLabV3-MobileNetV2,
+    BGR with no mean/std for MobileViT). Folders and Hub ids go through
+    ``AutoImageProcessor``; a folder with no ``preprocessor_config.json`` (e.g. a
+    bare ``save_pretrained`` of a model) falls back to its family default with a
+    warning. The result can be saved with ``save_pretrained`` and reloaded with
+    ``AutoImageProcessor.from_pretrained`` offline.
+    """
+    if name_or_path.startswith("config:"):
+        preset = MODEL_PRESETS.get(name_or_path)
+        if preset is None:
+            raise _unknown_preset(name_or_path)
+        return preset.make_processor()
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and not (path / "preprocessor_config.json").is_file():
+        load_kwargs = _resolve_pretrained(name_or_path, revision)
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **load_kwargs)
+        factory = _FAMILY_PROCESSORS.get(config.model_type)
+        if factory is None:
+            raise ModelSourceError(
+                f"{name_or_path!r} has no preprocessor_config.json and no default is known for model type "
+                f"{config.model_type!r}: save the image processor next to the model"
+            )
+        warnings.warn(
+            f"{name_or_path} has no preprocessor_config.json; using the {config.model_type} default processor",
+            stacklevel=2,
+        )
+        return factory()
+    load_kwargs = _resolve_pretrained(name_or_path, revision, filename="preprocessor_config.json")
+    return AutoImageProcessor.from_pretrained(
+        name_or_path, revision=revision, trust_remote_code=trust_remote_code, **load_kwargs
+    )
+
+
+def processor_flips_channels(processor: object) -> bool:
+    """True when the processor feeds the model BGR instead of RGB.
+
+    Apple's MobileViT/MobileViTV2 processors do (``do_flip_channel_order``): those
+    checkpoints were trained on BGR input.
+    """
+    return bool(getattr(processor, "do_flip_channel_order", False))
+
+
+def _never_normalises(processor: object) -> bool:
+    # MobileViT's processors skip the normalise step whatever do_normalize says.
+    return type(processor).__name__.startswith("MobileViTImageProcessor")
+
+
+def processor_mean_std(processor: object) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """The (mean, std) to apply to [0, 1] RGB input so it matches what ``processor`` produces.
+
+    Folds the processor's rescale factor in: a processor that rescales by
+    ``f`` and normalises with (m, s) is equivalent to normalising [0, 1] input
+    with (m / (255 f), s / (255 f)). A processor that does not normalise gives
+    the identity ((0, 0, 0), (1, 1, 1)).
+
+    Channel order is not expressible as mean/std: the values returned are in
+    RGB order of the *input*, and when :func:`processor_flips_channels` is true
+    the model additionally wants the channels reversed — use
+    :func:`make_input_adapter`, which does both.
+    """
+    rescale = 1.0
+    if getattr(processor, "do_rescale", True):
+        rescale = float(getattr(processor, "rescale_factor", 1 / 255) or 1 / 255)
+    scale = 255.0 * rescale
+    if _never_normalises(processor) or not getattr(processor, "do_normalize", False):
+        if abs(scale - 1.0) < 1e-6:
+            return _IDENTITY_MEAN, _IDENTITY_STD
+        return _IDENTITY_MEAN, tuple(1.0 / scale for _ in range(3))  # type: ignore[return-value]
+    mean = getattr(processor, "image_mean", None)
+    std = getattr(processor, "image_std", None)
+    if mean is None or std is None:
+        return _IDENTITY_MEAN, _IDENTITY_STD
+    mean3 = _as_triplet(mean, "image_mean")
+    std3 = _as_triplet(std, "image_std")
+    return (
+        tuple(m / scale for m in mean3),  # type: ignore[return-value]
+        tuple(s / scale for s in std3),  # type: ignore[return-value]
+    )
+
+
+def _as_triplet(values: object, what: str) -> tuple[float, float, float]:
+    if isinstance(values, (int, float)):
+        return (float(values),) * 3  # type: ignore[return-value]
+    seq = [float(v) for v in values]  # type: ignore[union-attr]
+    if len(seq) == 1:
+        seq = seq * 3
+    if len(seq) != 3:
+        raise ValueError(f"processor {what} must have 3 values for RGB, got {seq}")
+    return tuple(seq)  # type: ignore[return-value]
+
+
+def make_input_adapter(
+    data_mean: tuple[float, float, float],
+    data_std: tuple[float, float, float],
+    processor: object,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Convert a batch normalised for one model into what another model expects.
+
+    The data pipeline normalises [0, 1] RGB with one (mean, std), usually the
+    student's. A teacher with another convention (different mean/std, or BGR
+    input like MobileViT) gets ``adapter(pixel_values)``.
+
+    Args:
+        data_mean, data_std: what the batch was normalised with (RGB order).
+        processor: the target model's image processor.
+
+    Returns:
+        A function (B, 3, H, W) -> (B, 3, H, W). It returns its input unchanged
+        when the conventions already match, so it costs nothing for the usual
+        SegFormer-to-SegFormer case.
+    """
+    src_mean = torch.tensor(data_mean, dtype=torch.float32).view(1, 3, 1, 1)
+    src_std = torch.tensor(data_std, dtype=torch.float32).view(1, 3, 1, 1)
+    mean, std = processor_mean_std(processor)
+    dst_mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    dst_std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    flip = processor_flips_channels(processor)
+    same = torch.allclose(src_mean, dst_mean, atol=1e-6) and torch.allclose(src_std, dst_std, atol=1e-6)
+    if same and not flip:
+        return lambda pixel_values: pixel_values
+    # x01 = x * src_std + src_mean ; y = (x01 - dst_mean) / dst_std, folded into one affine map.
+    gain = src_std / dst_std
+    bias = (src_mean - dst_mean) / dst_std
+
+    def adapt(pixel_values: torch.Tensor) -> torch.Tensor:
+        out = pixel_values * gain.to(pixel_values) + bias.to(pixel_values)
+        return out.flip(1) if flip else out
+
+    return adapt

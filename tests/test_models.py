@@ -1,0 +1,274 @@
+"""Tests for models.py: presets, loading rules, freezing, logits, processors. Offline, CPU, small inputs."""
+
+import json
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoImageProcessor, SegformerConfig, SegformerForImageClassification
+
+import models
+
+CLASSES_5 = {0: "road", 1: "sidewalk", 2: "traffic_light", 3: "car", 4: "sky"}
+CLASSES_7 = {i: f"class {i}" for i in range(7)}
+
+# (input side, output stride, parameter count in millions or None) per preset. The
+# SegFormer counts are those of the real nvidia/segformer-b* models with a 5-class head.
+PRESET_EXPECTATIONS = {
+    "config:segformer-tiny": (64, 4, None),
+    "config:segformer-b0": (64, 4, 3.7),
+    "config:segformer-b1": (64, 4, 13.7),
+    "config:segformer-b2": (32, 4, 27.4),
+    "config:segformer-b3": (32, 4, 47.2),
+    "config:segformer-b4": (32, 4, 64.0),
+    "config:segformer-b5": (32, 4, 84.6),
+    "config:deeplabv3-mobilenetv2": (64, 8, None),
+    "config:mobilevit-s": (64, 16, None),
+    "config:upernet-convnext-tiny": (32, 1, 60.1),
+}
+
+
+def _tiny_student(id2label=CLASSES_5):
+    torch.manual_seed(0)
+    return models.load_model("config:segformer-tiny", id2label)
+
+
+def _assert_same_weights(source, target, prefix, skip):
+    target_state = target.state_dict()
+    compared = 0
+    for key, value in source.state_dict().items():
+        if key.startswith(prefix) and not key.startswith(skip):
+            assert torch.equal(value, target_state[key]), key
+            compared += 1
+    assert compared > 10
+
+
+def test_preset_names_are_exactly_the_documented_ones():
+    assert set(models.MODEL_PRESETS) == set(PRESET_EXPECTATIONS)
+
+
+@pytest.mark.parametrize("name", list(PRESET_EXPECTATIONS))
+def test_preset_builds_and_gives_logits_per_class(name):
+    side, stride, millions = PRESET_EXPECTATIONS[name]
+    model = models.load_model(name, CLASSES_5).eval()
+    assert model.config.id2label == CLASSES_5
+    assert model.config.label2id == {v: k for k, v in CLASSES_5.items()}
+    with torch.no_grad():
+        logits = models.segmentation_logits(model, torch.randn(1, 3, side, side))
+    assert logits.shape == (1, 5, side // stride, side // stride)
+    assert torch.isfinite(logits).all()
+    if millions is not None:
+        assert models.count_parameters(model) == pytest.approx(millions * 1e6, rel=0.02)
+
+
+def test_tiny_preset_is_small_and_b5_is_the_real_architecture():
+    assert models.count_parameters(_tiny_student()) < 1_000_000
+    config = models.MODEL_PRESETS["config:segformer-b5"].make_config()
+    assert list(config.depths) == [3, 6, 40, 3]
+    assert list(config.hidden_sizes) == [64, 128, 320, 512]
+    assert config.decoder_hidden_size == 768
+    assert models.MODEL_PRESETS["config:segformer-b0"].make_config().decoder_hidden_size == 256
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(models.ModelSourceError) as info:
+        models.load_model("config:segformer-b9", CLASSES_5)
+    assert "config:segformer-tiny" in str(info.value) and "config:upernet-convnext-tiny" in str(info.value)
+
+
+def test_role_must_be_student_or_teacher():
+    with pytest.raises(ValueError, match="role must be"):
+        models.load_model("config:segformer-tiny", CLASSES_5, role="assistant")
+
+
+def test_id2label_must_be_contiguous():
+    with pytest.raises(ValueError, match="without gaps"):
+        models.load_model("config:segformer-tiny", {0: "a", 2: "b"})
+
+
+def test_load_teacher_freezes_and_stays_in_eval_mode():
+    with pytest.warns(UserWarning, match="random weights"):
+        teacher = models.load_teacher("config:segformer-tiny", CLASSES_5)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert not teacher.training
+    teacher.train()
+    assert not teacher.training and not any(m.training for m in teacher.modules())
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(models.segmentation_logits(teacher, x), models.segmentation_logits(teacher, x))
+
+
+def test_freeze_leaves_count_unchanged_and_no_trainable_parameter():
+    model = _tiny_student()
+    before = models.count_parameters(model)
+    models.freeze(model)
+    assert models.count_parameters(model) == before
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 0
+
+
+def test_student_reload_same_classes_gives_identical_logits(tmp_path):
+    student = _tiny_student().eval()
+    student.save_pretrained(tmp_path)
+    x = torch.randn(1, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same classes: no re-init warning
+        reloaded = models.load_model(str(tmp_path), CLASSES_5).eval()
+    with torch.no_grad():
+        assert torch.equal(models.segmentation_logits(student, x), models.segmentation_logits(reloaded, x))
+
+
+def test_student_reload_with_other_class_count_warns_and_reinitialises_head(tmp_path):
+    student = _tiny_student().eval()
+    student.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="re-initialised"):
+        reloaded = models.load_model(str(tmp_path), CLASSES_7).eval()
+    assert reloaded.config.num_labels == 7 and reloaded.config.id2label == CLASSES_7
+    with torch.no_grad():
+        logits = models.segmentation_logits(reloaded, torch.randn(1, 3, 64, 64))
+    assert logits.shape == (1, 7, 16, 16)
+    # Everything but the classifier came from the checkpoint.
+    _assert_same_weights(student, reloaded, prefix="", skip="decode_head.classifier")
+
+
+def test_teacher_with_other_classes_is_rejected_naming_both_lists(tmp_path):
+    _tiny_student().save_pretrained(tmp_path)
+    with pytest.raises(models.ClassMismatchError) as info:
+        models.load_model(str(tmp_path), CLASSES_7, role="teacher")
+    message = str(info.value)
+    assert "teacher classes" in message and "'traffic_light'" in message and "'class 6'" in message
+    renamed = {**CLASSES_5, 4: "vegetation"}
+    with pytest.raises(models.ClassMismatchError, match="'vegetation'"):
+        models.load_model(str(tmp_path), renamed, role="teacher")
+
+
+def test_teacher_class_names_compare_ignoring_case_and_separators(tmp_path):
+    _tiny_student().save_pretrained(tmp_path)
+    spelled = {**CLASSES_5, 2: "Traffic Light"}
+    teacher = models.load_teacher(str(tmp_path), spelled)
+    assert teacher.config.id2label[2] == "Traffic Light"
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_teacher_saved_under_the_old_segformer_class_name_is_accepted(tmp_path):
+    # nvidia/segformer-b*-finetuned-* configs list "SegformerForImageSegmentation"
+    # and ADE names with stray spaces ("bed ").
+    _tiny_student().save_pretrained(tmp_path)
+    config_file = tmp_path / "config.json"
+    config = json.loads(config_file.read_text())
+    config["architectures"] = ["SegformerForImageSegmentation"]
+    config["id2label"]["1"] = "sidewalk "
+    config_file.write_text(json.dumps(config))
+    teacher = models.load_teacher(str(tmp_path), CLASSES_5)
+    assert teacher.config.id2label == CLASSES_5
+
+
+def test_check_same_classes():
+    models.check_same_classes(_tiny_student(), _tiny_student())
+    with pytest.raises(models.ClassMismatchError) as info:
+        models.check_same_classes(_tiny_student(), _tiny_student(CLASSES_7))
+    assert "'sky'" in str(info.value) and "'class 6'" in str(info.value)
+
+
+def test_encoder_only_checkpoint_gets_a_fresh_head_and_cannot_be_a_teacher(tmp_path):
+    # Stands in for nvidia/mit-b0: saved as an image classifier, no decode head.
+    config = SegformerConfig(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+                             num_attention_heads=[1, 1, 2, 4], decoder_hidden_size=64, num_labels=3)
+    torch.manual_seed(0)
+    encoder = SegformerForImageClassification(config)
+    encoder.save_pretrained(tmp_path)
+    student = models.load_model(str(tmp_path), CLASSES_5)
+    assert type(student).__name__ == "SegformerForSemanticSegmentation"
+    assert models.segmentation_logits(student.eval(), torch.randn(1, 3, 64, 64)).shape == (1, 5, 16, 16)
+    _assert_same_weights(encoder, student, prefix="segformer.", skip="decode_head")
+    with pytest.raises(models.ClassMismatchError, match="no segmentation head"):
+        models.load_model(str(tmp_path), CLASSES_5, role="teacher")
+
+
+def _assert_fails_fast_with_advice(call):
+    start = time.monotonic()
+    with pytest.raises(models.ModelSourceError) as info:
+        call()
+    assert time.monotonic() - start < 5.0
+    message = str(info.value)
+    for advice in ("not a local folder", "hf auth login", "local path", "config:segformer-tiny"):
+        assert advice in message
+    return message
+
+
+def test_hub_id_fails_fast_offline():
+    message = _assert_fails_fast_with_advice(
+        lambda: models.load_model("nvidia/segformer-b0-finetuned-ade-512-512", CLASSES_5))
+    assert "HF_HUB_OFFLINE" in message
+    _assert_fails_fast_with_advice(lambda: models.load_image_processor("nvidia/mit-b0"))
+
+
+def test_hub_id_fails_fast_when_network_is_down(monkeypatch):
+    import huggingface_hub
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", unreachable)
+    message = _assert_fails_fast_with_advice(lambda: models.load_model("nvidia/mit-b0", CLASSES_5))
+    assert "Name or service not known" in message
+
+
+def test_bad_local_paths_are_explained(tmp_path):
+    with pytest.raises(models.ModelSourceError, match="no such folder"):
+        models.load_model("./no/such/checkpoint", CLASSES_5)
+    with pytest.raises(models.ModelSourceError, match="no config.json"):
+        models.load_model(str(tmp_path), CLASSES_5)
+
+
+def test_segmentation_logits_rejects_non_image_batches():
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        models.segmentation_logits(_tiny_student(), torch.randn(3, 64, 64))
+
+
+@pytest.mark.parametrize(
+    "name, mean, std, flips",
+    [
+        ("config:segformer-b0", models.IMAGENET_MEAN, models.IMAGENET_STD, False),
+        ("config:upernet-convnext-tiny", models.IMAGENET_MEAN, models.IMAGENET_STD, False),
+        ("config:deeplabv3-mobilenetv2", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), False),
+        ("config:mobilevit-s", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), True),
+    ],
+)
+def test_processor_round_trip_and_mean_std(tmp_path, name, mean, std, flips):
+    processor = models.load_image_processor(name)
+    processor.save_pretrained(tmp_path)
+    reloaded = AutoImageProcessor.from_pretrained(tmp_path)
+    for proc in (processor, reloaded):
+        got_mean, got_std = models.processor_mean_std(proc)
+        assert got_mean == pytest.approx(mean) and got_std == pytest.approx(std)
+        assert models.processor_flips_channels(proc) is flips
+
+    # What the real processor produces equals the documented recipe on [0, 1] RGB input.
+    rgb = np.random.default_rng(0).integers(0, 256, size=(20, 24, 3), dtype=np.uint8)
+    produced = reloaded(images=rgb, do_resize=False, do_center_crop=False, return_tensors="pt")["pixel_values"]
+    x01 = torch.from_numpy(rgb).permute(2, 0, 1).float()[None] / 255
+    expected = (x01 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    if flips:
+        expected = expected.flip(1)
+    assert torch.allclose(produced.float(), expected, atol=1e-4)
+
+
+def test_folder_without_processor_falls_back_to_family_default(tmp_path):
+    _tiny_student().save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="default processor"):
+        processor = models.load_image_processor(str(tmp_path))
+    assert models.processor_mean_std(processor)[0] == pytest.approx(models.IMAGENET_MEAN)
+
+
+def test_input_adapter_converts_between_conventions():
+    segformer = models.load_image_processor("config:segformer-b0")
+    mobilevit = models.load_image_processor("config:mobilevit-s")
+    mean, std = models.processor_mean_std(segformer)
+    x01 = torch.rand(2, 3, 8, 8)
+    normalised = (x01 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    to_mobilevit = models.make_input_adapter(mean, std, mobilevit)
+    assert torch.allclose(to_mobilevit(normalised), x01.flip(1), atol=1e-5)
+    same = models.make_input_adapter(mean, std, segformer)
+    assert same(normalised) is normalised

@@ -1,0 +1,1432 @@
+"""Datasets, label handling and augmentation for segmentation distillation.
+
+``load_splits`` turns a preset name or any ``datasets``-loadable path/Hub id into
+train/eval ``datasets.Dataset`` objects plus a :class:`DataInfo` describing the
+classes and every decision taken. ``build_train_dataset`` / ``build_eval_dataset``
+wrap them into ``torch.utils.data.Dataset`` objects that decode each image once,
+inside DataLoader workers, and apply augmentations whose randomness is a pure
+function of (seed, epoch, sample index).
+
+This module knows nothing about transformers: the caller passes the mean/std
+its model expects.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMN_CANDIDATES = ("image", "pixel_values", "img")
+LABEL_COLUMN_CANDIDATES = ("label", "mask", "annotation", "semantic_segmentation", "segmentation", "gt")
+NAME_COLUMN_CANDIDATES = ("name", "filename", "file_name", "image_id", "id", "path")
+VALIDATION_SPLIT_CANDIDATES = ("validation", "val", "valid", "test")
+
+# Label mappings a preset or flag can ask for.
+LABELS_IDENTITY = "identity"
+LABELS_REDUCE = "reduce_labels"
+LABELS_CITYSCAPES_AUTO = "cityscapes_auto"
+LABELS_CITYSCAPES_LABELID = "cityscapes_labelid_to_trainid"
+
+
+class DataError(ValueError):
+    """The data, or how it was asked for, cannot be used as it is."""
+
+
+class BadSampleError(DataError):
+    """One sample cannot be decoded or is inconsistent (skippable with ``skip_bad_samples``)."""
+
+
+class LabelValueError(DataError):
+    """Label values outside [0, num_labels) and not the ignore index."""
+
+
+# --------------------------------------------------------------------------------------
+# Class tables
+# --------------------------------------------------------------------------------------
+
+CITYSCAPES_CLASSES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+)
+
+# Official cityscapesScripts table: labelId -> trainId for the 19 evaluated classes;
+# every other labelId (0-6, 9, 10, 14-16, 18, 29, 30, and license plate -1) is ignored.
+CITYSCAPES_LABELID_TO_TRAINID = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
+    24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+}
+
+PASCAL_VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+
+ADE20K_CLASSES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
+    "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair",
+    "car", "water", "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field",
+    "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion",
+    "base", "box", "column", "signboard", "chest of drawers", "counter", "sand", "sink", "skyscraper",
+    "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway", "case", "pool table",
+    "pillow", "screen door", "stairway", "river", "bridge", "bookcase", "blind", "coffee table",
+    "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm", "kitchen island",
+    "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light",
+    "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
+    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman",
+    "bottle", "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy",
+    "washer", "plaything", "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag",
+    "minibike", "cradle", "oven", "ball", "food", "step", "tank", "trade name", "microwave", "pot",
+    "animal", "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce",
+    "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
+    "bulletin board", "shower", "radiator", "glass", "clock", "flag",
+)
+
+CAMVID_CLASSES = (
+    "sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car",
+    "pedestrian", "bicyclist",
+)
+
+SYNTHETIC_CLASSES = (
+    "sky", "building", "road", "sidewalk", "vegetation", "car", "person", "pole", "traffic sign",
+)
+_SKY, _BUILDING, _ROAD, _SIDEWALK, _VEGETATION, _CAR, _PERSON, _POLE, _SIGN = range(len(SYNTHETIC_CLASSES))
+
+
+def _as_id2label(names: Sequence[str]) -> dict[int, str]:
+    return dict(enumerate(names))
+
+
+# --------------------------------------------------------------------------------------
+# Presets and the description of a loaded dataset
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetPreset:
+    """Everything a dataset name implies.
+
+    Attributes:
+        name: Preset key (``--dataset``).
+        hub_id: Default ``datasets`` path; ``dataset_name`` overrides it. None
+            when no usable Hub copy exists (pass a local folder instead).
+        id2label: Class names in training-id order (used when the data has no
+            ``id2label.json``).
+        ignore_index: Label value excluded from loss and metrics.
+        crop_size: (h, w) training crop.
+        default_teacher / default_student: Model ids suggested for this data.
+        label_handling: One of the ``LABELS_*`` mappings.
+        eval_split: Preferred evaluation split name.
+        notes: Why the Hub id and defaults were chosen.
+        hub_revision / hub_data_dir / hub_config_name: passed to
+            ``datasets.load_dataset`` with the default ``hub_id`` only.
+    """
+
+    name: str
+    hub_id: str | None
+    id2label: dict[int, str]
+    ignore_index: int
+    crop_size: tuple[int, int]
+    default_teacher: str | None
+    default_student: str | None
+    label_handling: str
+    eval_split: str
+    notes: str
+    hub_revision: str | None = None
+    hub_data_dir: str | None = None
+    hub_config_name: str | None = None
+
+
+DATASET_PRESETS: dict[str, DatasetPreset] = {
+    "cityscapes": DatasetPreset(
+        name="cityscapes",
+        hub_id="Chris1/cityscapes",
+        id2label=_as_id2label(CITYSCAPES_CLASSES),
+        ignore_index=255,
+        crop_size=(512, 1024),
+        default_teacher="nvidia/segformer-b5-finetuned-cityscapes-1024-1024",
+        default_student="nvidia/mit-b0",
+        label_handling=LABELS_CITYSCAPES_AUTO,
+        eval_split="validation",
+        notes=(
+            "Chris1/cityscapes: a parquet copy (image + semantic_segmentation; train/validation/test) that "
+            "datasets 5 loads without a script; the official data needs a login at cityscapes-dataset.com, so "
+            "a local folder of your own copy is the safer choice. Masks may hold the 34 labelIds or the 19 "
+            "trainIds: detected from the first training masks and mapped with the official table."
+        ),
+    ),
+    "pascal-voc": DatasetPreset(
+        name="pascal-voc",
+        hub_id="nateraw/pascal-voc-2012",
+        id2label=_as_id2label(PASCAL_VOC_CLASSES),
+        ignore_index=255,
+        crop_size=(512, 512),
+        default_teacher="apple/deeplabv3-mobilevit-small",
+        default_student="apple/mobilevit-xx-small",
+        label_handling=LABELS_IDENTITY,
+        eval_split="val",
+        notes=(
+            "nateraw/pascal-voc-2012: parquet (image, mask) with the official VOC2012 segmentation splits "
+            "(train 1464 / val 1449), palette masks whose indices are the 21 classes and 255 on object "
+            "boundaries (kept as ignore). Teacher apple/deeplabv3-mobilevit-small is a real VOC checkpoint "
+            "(21 classes, same order); student apple/mobilevit-xx-small is its ImageNet-pretrained little "
+            "sibling, so both share MobileViT's BGR, no-mean/std input convention."
+        ),
+    ),
+    "ade20k": DatasetPreset(
+        name="ade20k",
+        hub_id="zhoubolei/scene_parse_150",
+        id2label=_as_id2label(ADE20K_CLASSES),
+        ignore_index=255,
+        crop_size=(512, 512),
+        default_teacher="nvidia/segformer-b5-finetuned-ade-640-640",
+        default_student="nvidia/mit-b0",
+        label_handling=LABELS_REDUCE,
+        eval_split="validation",
+        hub_revision="refs/convert/parquet",
+        hub_data_dir="scene_parsing",
+        notes=(
+            "zhoubolei/scene_parse_150 is the canonical ADE20K/SceneParsing-150 repo but ships a loading "
+            "script, which datasets 5 no longer runs; its Hub-made parquet export (revision "
+            "refs/convert/parquet, folder scene_parsing) holds the same image/annotation data. Label 0 is "
+            "'other' and is ignored; 1..150 become 0..149 (reduce labels)."
+        ),
+    ),
+    "camvid": DatasetPreset(
+        name="camvid",
+        hub_id=None,
+        id2label=_as_id2label(CAMVID_CLASSES),
+        ignore_index=255,
+        crop_size=(352, 480),
+        default_teacher=None,
+        default_student="nvidia/mit-b0",
+        label_handling=LABELS_IDENTITY,
+        eval_split="validation",
+        notes=(
+            "No parquet CamVid with the 11-class SegNet labels was found on the Hub (copies there are RAR "
+            "archives or colour masks), so pass a local folder with --dataset_name (e.g. "
+            "../shared/data/camvid). No public CamVid teacher exists in transformers format: train one first "
+            "(e.g. fine-tune nvidia/segformer-b2-finetuned-cityscapes-1024-1024 or nvidia/mit-b2) and pass its "
+            "output folder as the teacher."
+        ),
+    ),
+    "synthetic": DatasetPreset(
+        name="synthetic",
+        hub_id=None,
+        id2label=_as_id2label(SYNTHETIC_CLASSES),
+        ignore_index=255,
+        crop_size=(128, 128),
+        default_teacher="config:segformer-b0",
+        default_student="config:segformer-tiny",
+        label_handling=LABELS_IDENTITY,
+        eval_split="validation",
+        notes=(
+            "Procedural road scenes rendered on the fly from (seed, index): no files, no network. "
+            "512 train / 64 validation scenes of 128x128 by default (dataset_config_name 'HxW' changes the "
+            "size). The default teacher is a config: preset with random weights: train it first."
+        ),
+    ),
+}
+
+
+@dataclass
+class DataInfo:
+    """What ``load_splits`` found and decided; passed on to the pipelines.
+
+    Attributes:
+        id2label / label2id / num_labels: the classes, in training-id order.
+        ignore_index: label value excluded from loss and metrics.
+        image_column / label_column: columns holding images and masks.
+        name_column: column naming a sample in error messages, if any.
+        crop_size: (h, w) default training crop.
+        label_mapping: ``LABELS_*`` key applied to every mask.
+        label_transform: human-readable description of ``label_mapping``.
+        notes: every decision taken while loading (for logs and model cards).
+        preset: preset name, or None for a plain ``dataset_name``.
+        source: what was loaded (Hub id, folder, or "synthetic").
+        default_teacher / default_student: the preset's suggestions.
+    """
+
+    id2label: dict[int, str]
+    label2id: dict[str, int]
+    num_labels: int
+    ignore_index: int
+    image_column: str
+    label_column: str
+    crop_size: tuple[int, int]
+    label_mapping: str
+    label_transform: str
+    notes: list[str] = field(default_factory=list)
+    preset: str | None = None
+    source: str | None = None
+    name_column: str | None = None
+    default_teacher: str | None = None
+    default_student: str | None = None
+
+
+# --------------------------------------------------------------------------------------
+# Label mapping
+# --------------------------------------------------------------------------------------
+
+
+def _describe_mapping(mapping: str, ignore_index: int) -> str:
+    if mapping == LABELS_REDUCE:
+        return f"reduce labels: 0 -> {ignore_index} (ignored), x -> x - 1"
+    if mapping == LABELS_CITYSCAPES_LABELID:
+        return f"Cityscapes labelId -> trainId (official table), other labelIds -> {ignore_index}"
+    return f"identity (values used as class ids, {ignore_index} ignored)"
+
+
+def map_labels(label: np.ndarray, mapping: str, ignore_index: int) -> np.ndarray:
+    """Apply a ``LABELS_*`` mapping to an integer mask.
+
+    Args:
+        label: (H, W) integer array of raw mask values.
+        mapping: ``LABELS_IDENTITY``, ``LABELS_REDUCE`` or ``LABELS_CITYSCAPES_LABELID``.
+        ignore_index: value given to ignored pixels.
+
+    Returns:
+        (H, W) int64 array of class ids and ``ignore_index``.
+    """
+    label = np.asarray(label).astype(np.int64, copy=False)
+    if mapping == LABELS_IDENTITY:
+        return label
+    if mapping == LABELS_REDUCE:
+        out = label - 1
+        out[(label == 0) | (label == ignore_index)] = ignore_index
+        return out
+    if mapping == LABELS_CITYSCAPES_LABELID:
+        size = max(256, int(label.max(initial=0)) + 1)
+        lut = np.full(size, ignore_index, dtype=np.int64)
+        for label_id, train_id in CITYSCAPES_LABELID_TO_TRAINID.items():
+            lut[label_id] = train_id
+        out = np.full(label.shape, ignore_index, dtype=np.int64)
+        valid = label >= 0
+        out[valid] = lut[label[valid]]
+        return out
+    raise DataError(f"unknown label mapping {mapping!r}: use one of identity, reduce_labels, cityscapes")
+
+
+def _cityscapes_format(masks: list[np.ndarray]) -> str:
+    """'labelId' when any mask holds a value only labelIds use (19..254), else 'trainId'."""
+    for mask in masks:
+        values = np.unique(mask)
+        if np.any((values >= 19) & (values != 255)):
+            return "labelId"
+    return "trainId"
+
+
+def check_labels(labels: torch.Tensor, num_labels: int, ignore_index: int) -> None:
+    """Raise :class:`LabelValueError` if ``labels`` holds values outside [0, C) ∪ {ignore}.
+
+    Args:
+        labels: integer tensor of any shape, e.g. (B, H, W), on CPU.
+        num_labels: C.
+        ignore_index: the ignored value.
+    """
+    labels = labels.detach()
+    bad = ((labels < 0) | (labels >= num_labels)) & (labels != ignore_index)
+    if not bool(bad.any()):
+        return
+    values = torch.unique(labels[bad]).tolist()
+    shown = ", ".join(str(v) for v in values[:10]) + (f", ... ({len(values)} distinct)" if len(values) > 10 else "")
+    raise LabelValueError(
+        f"label values [{shown}] are outside 0..{num_labels - 1} and not the ignore index {ignore_index}: "
+        "pass --ignore_index for a void value, --do_reduce_labels if 0 means 'unlabelled' "
+        "(ADE20K style), a dataset preset with the right label mapping, or an --id2label file listing "
+        "every class"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------
+
+
+def _open_pil(value: Any, what: str) -> Image.Image:
+    """PIL image from a decoded image, a ``{"bytes", "path"}`` dict, or a path; fully loaded."""
+    if isinstance(value, Image.Image):
+        return value
+    try:
+        if isinstance(value, dict):
+            if value.get("bytes") is not None:
+                image = Image.open(io.BytesIO(value["bytes"]))
+            elif value.get("path"):
+                image = Image.open(value["path"])
+            else:
+                raise BadSampleError(f"{what}: image entry has neither bytes nor path")
+        elif isinstance(value, (str, os.PathLike)):
+            image = Image.open(value)
+        elif isinstance(value, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(value))
+        else:
+            raise BadSampleError(f"{what}: cannot read an image from a {type(value).__name__}")
+        image.load()  # truncated or corrupt files fail here, not later in a worker
+        return image
+    except BadSampleError:
+        raise
+    except Exception as err:
+        raise BadSampleError(f"{what}: cannot decode image ({type(err).__name__}: {err})") from None
+
+
+def decode_image(value: Any, what: str = "image") -> np.ndarray:
+    """Decode any supported image value to RGB uint8.
+
+    Grayscale and palette images are expanded to RGB, alpha is dropped (not
+    composited), 16-bit and 32-bit integer images are scaled to 8 bits (values
+    above 255 are divided by 257, i.e. 65535 -> 255), float images in [0, 1] are
+    scaled by 255.
+
+    Returns:
+        (H, W, 3) uint8 array.
+    """
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        array = np.asarray(value)
+        if array.ndim == 2:
+            array = np.repeat(array[:, :, None], 3, axis=2)
+        if array.ndim == 3 and array.shape[2] == 4:
+            array = array[:, :, :3]
+        if array.ndim != 3 or array.shape[2] != 3:
+            raise BadSampleError(f"{what}: expected an (H, W, 3) array, got shape {array.shape}")
+        return _to_uint8(array, what)
+    image = _open_pil(value, what)
+    mode = image.mode
+    if mode == "RGB":
+        return np.asarray(image, dtype=np.uint8)
+    if mode.startswith("I") or mode == "F":
+        array = np.asarray(image)
+        return np.repeat(_to_uint8(array, what)[:, :, None], 3, axis=2)
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def _to_uint8(array: np.ndarray, what: str) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array
+    if np.issubdtype(array.dtype, np.floating):
+        top = float(np.nanmax(array)) if array.size else 0.0
+        scaled = array * 255.0 if top <= 1.0 else array
+        return np.clip(np.nan_to_num(scaled), 0, 255).round().astype(np.uint8)
+    if np.issubdtype(array.dtype, np.integer):
+        wide = array.astype(np.int64)
+        sixteen_bit = np.issubdtype(array.dtype, np.unsignedinteger) and array.dtype.itemsize == 2
+        if sixteen_bit or int(wide.max(initial=0)) > 255:
+            wide = wide // 257
+        return np.clip(wide, 0, 255).astype(np.uint8)
+    raise BadSampleError(f"{what}: unsupported pixel type {array.dtype}")
+
+
+def decode_label(value: Any, what: str = "label") -> np.ndarray:
+    """Decode a mask to an (H, W) integer array, keeping its values.
+
+    Palette ("P") masks keep their indices, 16-bit masks keep their values.
+    An RGB mask is accepted only if its three channels are equal; a colour-coded
+    mask raises :class:`BadSampleError` (convert it to class indices first).
+    """
+    if isinstance(value, (np.ndarray, torch.Tensor, list)):
+        array = np.asarray(value)
+    else:
+        array = np.asarray(_open_pil(value, what))  # "P" keeps indices, "I;16"/"I" keep values
+    if array.ndim == 3:
+        if array.shape[2] in (2, 4):  # drop alpha
+            array = array[:, :, : array.shape[2] - 1]
+        if array.shape[2] == 1 or bool(np.all(array == array[:, :, :1])):
+            array = array[:, :, 0]
+        else:
+            raise BadSampleError(
+                f"{what}: the mask is RGB colour-coded; convert it to a single-channel mask of class indices "
+                "(one value per class, e.g. an 'L' or 'P' PNG)"
+            )
+    if array.ndim != 2:
+        raise BadSampleError(f"{what}: expected an (H, W) mask, got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.integer) and array.dtype != np.bool_:
+        if np.issubdtype(array.dtype, np.floating) and np.all(np.mod(array, 1) == 0):
+            array = array.astype(np.int64)
+        else:
+            raise BadSampleError(f"{what}: mask values must be integers, got {array.dtype}")
+    return array.astype(np.int64, copy=False)
+
+
+# --------------------------------------------------------------------------------------
+# Synthetic road scenes
+# --------------------------------------------------------------------------------------
+
+
+def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int) -> np.ndarray:
+    """(H, W) float32 noise, bilinearly interpolated from a (cells+1)^2 random grid."""
+    grid = rng.standard_normal((cells + 1, cells + 1)).astype(np.float32)
+    ys = np.linspace(0, cells, height, dtype=np.float32)
+    xs = np.linspace(0, cells, width, dtype=np.float32)
+    y0 = np.minimum(ys.astype(np.int64), cells - 1)
+    x0 = np.minimum(xs.astype(np.int64), cells - 1)
+    wy = (ys - y0)[:, None]
+    wx = (xs - x0)[None, :]
+    top = grid[y0][:, x0] * (1 - wx) + grid[y0][:, x0 + 1] * wx
+    bottom = grid[y0 + 1][:, x0] * (1 - wx) + grid[y0 + 1][:, x0 + 1] * wx
+    return top * (1 - wy) + bottom * wy
+
+
+class _Canvas:
+    """Image/label buffers plus pixel coordinates; drawing is confined to windows for speed."""
+
+    def __init__(self, rng: np.random.Generator, height: int, width: int):
+        self.rng = rng
+        self.h, self.w = height, width
+        self.yy, self.xx = np.mgrid[0:height, 0:width].astype(np.float32)
+        self.image = np.zeros((height, width, 3), dtype=np.float32)
+        self.label = np.zeros((height, width), dtype=np.uint8)
+
+    def window(self, top: float, bottom: float, left: float, right: float
+               ) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray] | None:
+        """Slices and coordinates of a box clipped to the image; None if it is off-image."""
+        y0, y1 = max(int(math.floor(top)), 0), min(int(math.ceil(bottom)) + 1, self.h)
+        x0, x1 = max(int(math.floor(left)), 0), min(int(math.ceil(right)) + 1, self.w)
+        if y0 >= y1 or x0 >= x1:
+            return None
+        box = (slice(y0, y1), slice(x0, x1))
+        return box, self.yy[box], self.xx[box]
+
+    def paint(self, box: tuple[slice, slice], mask: np.ndarray, colour: np.ndarray, cls: int,
+              grain: float = 0.0) -> None:
+        """Fill ``mask`` (window-shaped) with a colour (3,) or a window-shaped colour field."""
+        if not mask.any():
+            return
+        colour = np.asarray(colour, dtype=np.float32)
+        pixels = colour[mask] if colour.ndim == 3 else np.broadcast_to(colour, (int(mask.sum()), 3))
+        if grain > 0:
+            pixels = pixels + self.rng.normal(0.0, grain, size=pixels.shape).astype(np.float32)
+        self.image[box][mask] = pixels
+        self.label[box][mask] = cls
+
+
+def _jitter(rng: np.random.Generator, colour: Sequence[float], amount: float) -> np.ndarray:
+    return np.clip(np.asarray(colour, dtype=np.float32) + rng.uniform(-amount, amount, 3), 0.0, 1.0)
+
+
+def _random_hue(rng: np.random.Generator, saturation: tuple[float, float], value: tuple[float, float]) -> np.ndarray:
+    hue = rng.uniform(0, 1)
+    s, v = rng.uniform(*saturation), rng.uniform(*value)
+    rgb = np.clip(np.abs(np.mod(hue * 6 + np.array([0.0, 4.0, 2.0]), 6) - 3) - 1, 0, 1)
+    return (((1 - s) + s * rgb) * v).astype(np.float32)
+
+
+def render_synthetic_scene(seed: int, index: int, height: int = 128, width: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one road scene; a pure function of its arguments.
+
+    Layout follows street scenes: sky above buildings of varied height (with
+    window grids), a road in perspective with lane markings, sidewalks and
+    grass verges beside it; cars on the road, people on the sidewalks, poles
+    at the kerb (often carrying a sign), trees on the verge. Objects grow
+    towards the bottom of the image and nearer ones occlude farther ones.
+    Colours are drawn per scene and per object (grey cars on grey roads,
+    overcast skies as grey as concrete) with smooth and per-pixel noise, so
+    colour alone does not give the class away. Car and person outlines are
+    marked 255 (ignore), like annotation edges in real data.
+
+    Returns:
+        image (H, W, 3) uint8 RGB, label (H, W) uint8 with values in
+        0..len(SYNTHETIC_CLASSES)-1 or 255.
+    """
+    rng = np.random.default_rng([int(seed), int(index)])
+    c = _Canvas(rng, height, width)
+    h, w, yy, xx = height, width, c.yy, c.xx
+    coarse = _smooth_noise(rng, h, w, 6)
+    fine = _smooth_noise(rng, h, w, max(8, w // 5))
+    horizon = h * rng.uniform(0.36, 0.56)
+    full = (slice(0, h), slice(0, w))
+
+    # Sky: clear, overcast or dusk gradient with cloud-like noise.
+    top, bottom = (
+        ((0.25, 0.45, 0.85), (0.65, 0.78, 0.95)),
+        ((0.55, 0.57, 0.6), (0.75, 0.76, 0.78)),
+        ((0.35, 0.3, 0.55), (0.95, 0.6, 0.4)),
+    )[int(rng.integers(3))]
+    t = (yy / max(horizon, 1.0)).clip(0, 1)[..., None]
+    sky = _jitter(rng, top, 0.08) * (1 - t) + _jitter(rng, bottom, 0.08) * t + 0.06 * coarse[..., None]
+    c.paint(full, np.ones((h, w), dtype=bool), sky, _SKY, grain=0.01)
+
+    # Buildings along the horizon, with gaps of sky between some of them.
+    palette = ((0.55, 0.3, 0.25), (0.78, 0.7, 0.55), (0.5, 0.5, 0.52), (0.68, 0.68, 0.66),
+               (0.45, 0.55, 0.65), (0.35, 0.3, 0.28))
+    x = -rng.uniform(0, 0.1) * w
+    while x < w:
+        if rng.uniform() < 0.15:
+            x += rng.uniform(0.03, 0.1) * w
+            continue
+        bw = rng.uniform(0.12, 0.35) * w
+        roof = horizon * (1 - rng.uniform(0.3, 1.0))
+        win = c.window(roof, horizon + 1, x, x + bw)
+        if win is not None:
+            box, by, bx = win
+            mask = (bx >= x) & (bx < x + bw) & (by >= roof) & (by < horizon + 1)
+            base = _jitter(rng, palette[int(rng.integers(len(palette)))], 0.08)
+            facade = base + 0.05 * coarse[box][..., None] * rng.choice((-1.0, 1.0))
+            if rng.uniform() < 0.8:
+                px, py = rng.uniform(0.04, 0.08) * w, rng.uniform(0.05, 0.09) * h
+                windows = (np.mod(bx - x, px) > px * 0.35) & (np.mod(by - roof, py) > py * 0.4)
+                windows &= (bx > x + 0.3 * px) & (bx < x + bw - 0.3 * px) & (by > roof + 0.3 * py)
+                glass = _jitter(rng, (0.15, 0.18, 0.25) if rng.uniform() < 0.6 else (0.6, 0.75, 0.85), 0.07)
+                facade = np.where(windows[..., None], glass, facade)
+            else:
+                stripes = np.mod(bx - x, rng.uniform(2.0, 5.0)) < 1.0
+                facade = facade - 0.06 * stripes[..., None]
+            c.paint(box, mask, facade, _BUILDING, grain=0.02)
+        x += bw
+
+    # Ground: perspective road with lane markings, kerbs, sidewalks, optional grass verge.
+    row = np.arange(h, dtype=np.float32)
+    depth_row = ((row - horizon) / max(h - horizon, 1.0)).clip(0, 1)  # 0 at the horizon, 1 at the bottom
+    vanish_x = rng.uniform(0.35, 0.65) * w
+    bottom_x = vanish_x + rng.uniform(-0.15, 0.15) * w
+    centre_row = vanish_x + (bottom_x - vanish_x) * depth_row
+    half_row = rng.uniform(0.01, 0.04) * w + rng.uniform(0.3, 0.55) * w * depth_row
+    walk_row = half_row * rng.uniform(0.35, 0.9) + 2.0
+    g0 = int(math.ceil(horizon))
+    if g0 < h:
+        box = (slice(g0, h), slice(0, w))
+        gy, gx = yy[box], xx[box]
+        depth, half, walk = depth_row[g0:, None], half_row[g0:, None], walk_row[g0:, None]
+        dist = np.abs(gx - centre_row[g0:, None])
+        road = dist < half
+        pavement = _jitter(rng, ((0.62, 0.62, 0.6), (0.72, 0.66, 0.55), (0.6, 0.45, 0.4))[int(rng.integers(3))], 0.06)
+        tile = rng.uniform(3.0, 7.0)
+        tiles = (np.mod(gx, tile) < 0.8) | (np.mod(gy, tile * 0.6) < 0.8)
+        kerb = (dist >= half) & (dist < half + 1.0 + depth * 0.02 * w)
+        paving = np.where(kerb[..., None], np.clip(pavement + 0.12, 0, 1), pavement - 0.07 * tiles[..., None])
+        verge = bool(rng.uniform() < 0.45)
+        side = ~road & (dist < half + walk) if verge else ~road
+        c.paint(box, side, paving, _SIDEWALK, grain=0.025)
+        if verge:
+            grass = _jitter(rng, (0.3, 0.5, 0.2), 0.08) + 0.08 * fine[box][..., None]
+            c.paint(box, ~road & ~side, grass, _VEGETATION, grain=0.06)
+        grey = rng.uniform(0.18, 0.45)
+        asphalt = np.float32(grey) + rng.uniform(-0.03, 0.03, 3).astype(np.float32) + 0.04 * coarse[box][..., None]
+        dashes = (np.sin(rng.uniform(2.0, 4.0) / (depth + 0.04)) > 0.1) & (dist < 0.4 + 0.012 * w * depth)
+        marking = np.asarray((0.9, 0.9, 0.88) if rng.uniform() < 0.7 else (0.9, 0.8, 0.3), dtype=np.float32)
+        c.paint(box, road, np.where(dashes[..., None], marking, asphalt), _ROAD, grain=0.03)
+
+    def at_row(base_y: float) -> tuple[float, float, float, float]:
+        r = min(max(int(base_y), 0), h - 1)
+        return float(depth_row[r]), float(centre_row[r]), float(half_row[r]), float(walk_row[r])
+
+    def beside_road(base_y: float, lo: float, hi: float) -> float:
+        _, cx, hw, wk = at_row(base_y)
+        return cx + (1 if rng.uniform() < 0.5 else -1) * (hw + rng.uniform(lo, hi) * wk)
+
+    span = max(h - horizon, 1.0)
+    objects: list[tuple[float, str]] = []
+    objects += [(horizon + rng.uniform(0.05, 0.7) * span, "tree") for _ in range(rng.integers(0, 4))]
+    objects += [(horizon + rng.uniform(0.1, 0.95) * span, "pole") for _ in range(rng.integers(1, 4))]
+    objects += [(horizon + rng.uniform(0.08, 1.1) * span, "car") for _ in range(rng.integers(0, 5))]
+    objects += [(horizon + rng.uniform(0.05, 1.0) * span, "person") for _ in range(rng.integers(0, 6))]
+    objects.sort(key=lambda item: item[0])  # far first, so nearer objects occlude
+
+    outlined = np.zeros((h, w), dtype=bool)
+    for base_y, kind in objects:
+        d, cx, hw, _ = at_row(base_y)
+        scale = 0.15 + 0.85 * d
+        if kind == "tree":
+            x0 = beside_road(base_y, 0.5, 1.6)
+            trunk_h, trunk_w = 0.35 * h * scale, max(1.0, 0.02 * w * scale)
+            win = c.window(base_y - trunk_h, base_y, x0 - trunk_w, x0 + trunk_w)
+            if win is not None:
+                box, wy, wx = win
+                trunk = (np.abs(wx - x0) < trunk_w) & (wy <= base_y) & (wy > base_y - trunk_h)
+                c.paint(box, trunk, _jitter(rng, (0.35, 0.25, 0.15), 0.05), _VEGETATION, grain=0.03)
+            radius = 0.12 * h * scale
+            crown_y = base_y - trunk_h
+            win = c.window(crown_y - 1.8 * radius, crown_y + 1.4 * radius, x0 - 2 * radius, x0 + 2 * radius)
+            if win is not None:
+                box, wy, wx = win
+                canopy = np.zeros(wy.shape, dtype=bool)
+                for _ in range(rng.integers(2, 5)):
+                    oy = crown_y - rng.uniform(-0.3, 0.6) * radius
+                    ox = x0 + rng.uniform(-0.8, 0.8) * radius
+                    r = radius * rng.uniform(0.6, 1.1)
+                    canopy |= (wy - oy) ** 2 + (wx - ox) ** 2 < r * r
+                leaves = _jitter(rng, (0.2, 0.45, 0.15), 0.1) + 0.12 * fine[box][..., None]
+                c.paint(box, canopy, leaves, _VEGETATION, grain=0.08)
+        elif kind == "pole":
+            x0 = beside_road(base_y, 0.05, 0.3)
+            pole_h, pole_w = (0.3 + 0.4 * d) * h, max(0.6, 0.008 * w * scale)
+            win = c.window(base_y - pole_h, base_y, x0 - pole_w, x0 + pole_w)
+            if win is not None:
+                box, wy, wx = win
+                pole = (np.abs(wx - x0) < pole_w) & (wy <= base_y) & (wy > base_y - pole_h)
+                c.paint(box, pole, _jitter(rng, (0.3, 0.3, 0.32), 0.12), _POLE, grain=0.02)
+            if rng.uniform() < 0.65:
+                size = max(1.5, 0.05 * h * scale)
+                sy, sx = base_y - pole_h + size, x0
+                shape = int(rng.integers(3))
+                face = ((0.85, 0.1, 0.1), (0.1, 0.3, 0.8), (0.95, 0.8, 0.1), (0.92, 0.92, 0.92))
+                colour = _jitter(rng, face[int(rng.integers(len(face)))], 0.06)
+                win = c.window(sy - size, sy + size, sx - size, sx + size)
+                if win is not None:
+                    box, wy, wx = win
+                    if shape == 0:
+                        sign = (wy - sy) ** 2 + (wx - sx) ** 2 < size * size
+                    elif shape == 1:
+                        sign = (np.abs(wy - sy) < size) & (np.abs(wx - sx) < size)
+                    else:
+                        sign = (wy > sy - size) & (wy < sy + size) & (np.abs(wx - sx) < (wy - sy + size) * 0.6)
+                    inner = (np.abs(wy - sy) < size * 0.3) & (np.abs(wx - sx) < size * 0.5)
+                    c.paint(box, sign, np.where(inner[..., None], 1.0 - colour, colour), _SIGN, grain=0.02)
+        elif kind == "car":
+            x0 = cx + rng.uniform(-0.75, 0.75) * hw
+            car_w = (0.08 + 0.42 * d) * w
+            car_h = car_w * rng.uniform(0.45, 0.65)
+            wheel_r = car_w * 0.11
+            paint = _random_hue(rng, (0.0, 0.9), (0.15, 0.95))
+            win = c.window(base_y - car_h, base_y + wheel_r, x0 - car_w / 2, x0 + car_w / 2)
+            if win is not None:
+                box, wy, wx = win
+                body = (np.abs(wx - x0) < car_w / 2) & (wy <= base_y) & (wy > base_y - car_h * 0.6)
+                cabin = (np.abs(wx - x0) < car_w * 0.33) & (wy <= base_y - car_h * 0.55) & (wy > base_y - car_h)
+                glass = (np.abs(wx - x0) < car_w * 0.28) & (wy <= base_y - car_h * 0.6) & (wy > base_y - car_h * 0.92)
+                wheels = (((wx - (x0 - car_w * 0.3)) ** 2 + (wy - base_y) ** 2 < wheel_r ** 2) |
+                          ((wx - (x0 + car_w * 0.3)) ** 2 + (wy - base_y) ** 2 < wheel_r ** 2))
+                wheels &= wy <= base_y + car_w * 0.05
+                car = body | cabin | wheels
+                colours = np.where(glass[..., None], np.float32((0.2, 0.25, 0.3)), paint)
+                colours = np.where(wheels[..., None], np.float32((0.05, 0.05, 0.05)), colours)
+                c.paint(box, car, colours, _CAR, grain=0.02)
+                outlined[box] |= car
+        else:  # person
+            x0 = beside_road(base_y, 0.1, 0.95)
+            ph = (0.1 + 0.3 * d) * h
+            pw = ph * rng.uniform(0.22, 0.32)
+            head_r = ph * 0.1
+            skin = _jitter(rng, ((0.9, 0.75, 0.6), (0.6, 0.42, 0.3), (0.35, 0.25, 0.18))[int(rng.integers(3))], 0.05)
+            shirt = _random_hue(rng, (0.2, 1.0), (0.2, 0.95))
+            trousers = _random_hue(rng, (0.0, 0.6), (0.1, 0.5))
+            win = c.window(base_y - ph, base_y, x0 - pw / 2, x0 + pw / 2)
+            if win is not None:
+                box, wy, wx = win
+                legs = (np.abs(wx - x0) < pw * 0.35) & (wy <= base_y) & (wy > base_y - ph * 0.45)
+                torso = (np.abs(wx - x0) < pw / 2) & (wy <= base_y - ph * 0.45) & (wy > base_y - ph * 0.8)
+                head = (wy - (base_y - ph * 0.88)) ** 2 + (wx - x0) ** 2 < head_r * head_r
+                person = legs | torso | head
+                colours = np.where(torso[..., None], shirt, np.where(legs[..., None], trousers, skin))
+                c.paint(box, person, colours, _PERSON, grain=0.03)
+                outlined[box] |= person
+
+    # 1-px ignore band where a car or person meets anything else (annotation edges).
+    label = c.label
+    edge = np.zeros((h, w), dtype=bool)
+    edge[1:, :] |= label[1:, :] != label[:-1, :]
+    edge[:, 1:] |= label[:, 1:] != label[:, :-1]
+    label = np.where(edge & outlined, np.uint8(255), label)
+
+    gain, offset = rng.uniform(0.8, 1.2), rng.uniform(-0.06, 0.06)
+    image = c.image * gain + offset + rng.normal(0.0, rng.uniform(0.01, 0.04), c.image.shape).astype(np.float32)
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), label.astype(np.uint8)
+
+
+class SyntheticRenderer:
+    """``with_transform`` callable turning a batch of ``{"index": [...]}`` into scenes.
+
+    A class (not a closure) so DataLoader workers can pickle it under any start method.
+    """
+
+    def __init__(self, seed: int, height: int, width: int):
+        self.seed, self.height, self.width = int(seed), int(height), int(width)
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        images, labels = [], []
+        for index in batch["index"]:
+            image, label = render_synthetic_scene(self.seed, index, self.height, self.width)
+            images.append(image)
+            labels.append(label)
+        return {"index": list(batch["index"]), "image": images, "label": labels}
+
+
+def make_synthetic_splits(num_train: int = 512, num_eval: int = 64, *, height: int = 128, width: int = 128,
+                          seed: int = 0) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Train/eval ``datasets.Dataset`` of synthetic scenes, rendered lazily on access.
+
+    Train rows are indices 0..num_train-1, eval rows num_train..num_train+num_eval-1,
+    so the two never share a scene. Each row yields ``{"index", "image" (H, W, 3)
+    uint8, "label" (H, W) uint8}``.
+    """
+    if num_train < 1 or num_eval < 1:
+        raise DataError(f"synthetic splits need at least one scene each, got {num_train} train / {num_eval} eval")
+    if height < 16 or width < 16:
+        raise DataError(f"synthetic scenes must be at least 16x16, got {height}x{width}")
+    renderer = SyntheticRenderer(seed, height, width)
+    train = datasets.Dataset.from_dict({"index": list(range(num_train))}, split="train")
+    evaluation = datasets.Dataset.from_dict({"index": list(range(num_train, num_train + num_eval))}, split="validation")
+    return train.with_transform(renderer), evaluation.with_transform(renderer)
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+
+
+def _hub_unreachable(source: str, reason: str) -> DataError:
+    return DataError(
+        f"dataset {source!r} is not a local folder and could not be fetched from the Hub ({reason}): check the "
+        "id, log in with `hf auth login` for private or gated datasets, pass a local folder with "
+        f"--dataset_name, or use a preset ({', '.join(DATASET_PRESETS)})"
+    )
+
+
+def _load_dataset_dict(source: str, config_name: str | None, *, revision: str | None,
+                       data_dir: str | None) -> datasets.DatasetDict:
+    """``datasets.load_dataset`` with a quick reachability probe so a missing Hub fails at once."""
+    import huggingface_hub
+    from huggingface_hub import errors as hf_errors
+
+    is_local = Path(source).expanduser().is_dir()
+    if not is_local:
+        if source.startswith((".", "/", "~")) or Path(source).exists():
+            raise DataError(f"dataset folder {source!r} does not exist (or is a file): check the path")
+        if not huggingface_hub.constants.HF_HUB_OFFLINE:
+            try:
+                huggingface_hub.HfApi().dataset_info(source, revision=revision, timeout=10.0)
+            except hf_errors.GatedRepoError:
+                raise _hub_unreachable(source, "gated: accept its terms on the Hub and log in") from None
+            except hf_errors.RepositoryNotFoundError:
+                raise _hub_unreachable(source, "no such dataset repo, or it is private") from None
+            except hf_errors.RevisionNotFoundError:
+                raise _hub_unreachable(source, f"revision {revision!r} does not exist") from None
+            except hf_errors.HFValidationError as err:
+                raise _hub_unreachable(source, f"not a valid Hub id: {err}") from None
+            except Exception as err:  # connection failures surface from several HTTP stacks
+                raise _hub_unreachable(
+                    source, f"{type(err).__name__}: {err}; if it is cached, set HF_HUB_OFFLINE=1 to use the cache"
+                ) from None
+    kwargs: dict[str, Any] = {}
+    if revision is not None:
+        kwargs["revision"] = revision
+    if data_dir is not None:
+        kwargs["data_dir"] = data_dir
+    try:
+        loaded = datasets.load_dataset(source, config_name, **kwargs)
+    except ConnectionError as err:
+        raise _hub_unreachable(source, f"offline and not cached: {err}") from None
+    except RuntimeError as err:
+        if "scripts are no longer supported" in str(err):
+            raise DataError(
+                f"dataset {source!r} is a loading script, which datasets {datasets.__version__} cannot run: use a "
+                "parquet copy (many script datasets have one at revision 'refs/convert/parquet') or a local folder"
+            ) from None
+        raise
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    if not isinstance(loaded, datasets.DatasetDict):
+        raise DataError(f"dataset {source!r} loaded as {type(loaded).__name__}; streaming datasets are not supported")
+    return loaded
+
+
+def _read_id2label_file(path: str | Path) -> dict[int, str]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except FileNotFoundError:
+        raise DataError(f"id2label file {str(path)!r} does not exist: check the --id2label path") from None
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"id2label file {str(path)!r} is not valid JSON ({err}): write it as {{\"0\": \"name\", ...}}"
+        ) from None
+    if isinstance(raw, list):
+        raw = dict(enumerate(raw))
+    if not isinstance(raw, dict) or not raw:
+        raise DataError(f"id2label file {str(path)!r} must be a non-empty JSON object {{\"0\": \"name\", ...}} or list")
+    try:
+        items = sorted((int(k), str(v)) for k, v in raw.items())
+    except ValueError:
+        raise DataError(f"id2label file {str(path)!r} has non-integer keys: use class ids as keys") from None
+    keys = [k for k, _ in items]
+    if keys != list(range(len(keys))):
+        raise DataError(f"id2label file {str(path)!r} keys must be 0..{len(keys) - 1} without gaps, got {keys[:20]}")
+    return dict(items)
+
+
+def _dataset_id2label_file(source: str, revision: str | None) -> str | None:
+    """Path to the dataset's own id2label.json (local folder or Hub repo), or None."""
+    local = Path(source).expanduser()
+    if local.is_dir():
+        candidate = local / "id2label.json"
+        return str(candidate) if candidate.is_file() else None
+    import huggingface_hub
+
+    try:
+        return huggingface_hub.hf_hub_download(source, "id2label.json", repo_type="dataset", revision=revision,
+                                               etag_timeout=5.0)
+    except Exception as err:  # absent file, offline, or network trouble: all mean "not available"
+        logger.debug("no id2label.json for %s: %s", source, err)
+        return None
+
+
+def _find_column(columns: list[str], explicit: str | None, candidates: Sequence[str], what: str, flag: str) -> str:
+    if explicit is not None:
+        if explicit not in columns:
+            raise DataError(f"{what} column {explicit!r} not found; the dataset has columns {columns}: pass {flag}")
+        return explicit
+    for name in candidates:
+        if name in columns:
+            return name
+    raise DataError(
+        f"no {what} column found among {list(candidates)}; the dataset has columns {columns}: pass {flag} NAME"
+    )
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match:
+        raise DataError(f"synthetic dataset_config_name must be 'HxW' such as '128x128', got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def load_splits(
+    dataset: str | None = None,
+    dataset_name: str | None = None,
+    *,
+    dataset_config_name: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    id2label_file: str | None = None,
+    ignore_index: int | None = None,
+    do_reduce_labels: bool | None = None,
+    train_split: str = "train",
+    validation_split: str | None = None,
+    validation_fraction: float = 0.1,
+    seed: int = 0,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[datasets.Dataset, datasets.Dataset, DataInfo]:
+    """Load train and evaluation splits and describe them.
+
+    Args:
+        dataset: A preset name (``cityscapes``, ``pascal-voc``, ``ade20k``,
+            ``camvid``, ``synthetic``) supplying classes, label mapping, crop and
+            default models.
+        dataset_name: Hub id or local folder for ``datasets.load_dataset``;
+            overrides the preset's Hub id. Alone (no preset) it loads any
+            dataset whose classes come from its ``id2label.json`` or ``id2label_file``.
+        dataset_config_name: ``datasets`` config name; for ``synthetic``, the
+            scene size as ``"HxW"``.
+        image_column / label_column: column names; auto-detected when None.
+        id2label_file: JSON ``{"0": "name", ...}`` overriding every other class source.
+        ignore_index: ignored label value (default: the preset's, else 255).
+        do_reduce_labels: force (True) or forbid (False) the ADE20K-style
+            reduction; None lets the preset decide.
+        train_split: training split name.
+        validation_split: evaluation split; None looks for validation, val,
+            valid, test in that order, then carves ``validation_fraction`` of
+            train with ``seed``.
+        max_train_samples / max_eval_samples: keep only the first N rows.
+        trust_remote_code: accepted for symmetry with the model loaders; datasets 5
+            runs no loading scripts, so it only adds a warning and a note.
+
+    Returns:
+        (train, eval, info). Image/label columns are left undecoded (raw
+        bytes/paths); the pipelines decode each sample once, in workers.
+    """
+    preset: DatasetPreset | None = None
+    if dataset is not None:
+        preset = DATASET_PRESETS.get(dataset)
+        if preset is None:
+            raise DataError(f"unknown dataset preset {dataset!r}: choose one of {', '.join(DATASET_PRESETS)}")
+    if preset is None and dataset_name is None:
+        raise DataError(
+            f"no dataset given: pass --dataset PRESET ({', '.join(DATASET_PRESETS)}) or --dataset_name PATH_OR_HUB_ID"
+        )
+    if not 0.0 < validation_fraction < 1.0:
+        raise DataError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+    if preset is not None and preset.name == "synthetic":
+        unused = {
+            "--dataset_name": dataset_name is not None, "--image_column": image_column is not None,
+            "--label_column": label_column is not None, "--id2label": id2label_file is not None,
+            "--do_reduce_labels": bool(do_reduce_labels), "--validation_split": validation_split is not None,
+            "--train_split": train_split != "train", "--ignore_index": ignore_index not in (None, 255),
+        }
+        given = [flag for flag, used in unused.items() if used]
+        if given:
+            raise DataError(f"the synthetic preset generates its own data and classes: drop {', '.join(given)}")
+        return _load_synthetic(dataset_config_name, max_train_samples, max_eval_samples)
+
+    notes: list[str] = []
+    source = dataset_name or (preset.hub_id if preset else None)
+    if source is None:
+        assert preset is not None
+        raise DataError(
+            f"preset {preset.name!r} has no default Hub copy: pass --dataset_name with a local folder "
+            f"(e.g. ../shared/data/{preset.name}). {preset.notes}"
+        )
+    uses_preset_hub = preset is not None and dataset_name is None
+    revision = preset.hub_revision if uses_preset_hub else None
+    data_dir = preset.hub_data_dir if uses_preset_hub else None
+    config_name = dataset_config_name or (preset.hub_config_name if uses_preset_hub else None)
+    if preset is not None:
+        notes.append(f"preset {preset.name}: {preset.notes}")
+    notes.append(f"loaded {source!r}" + (f" at revision {revision}" if revision else "")
+                 + (f", folder {data_dir}" if data_dir else "") + (f", config {config_name}" if config_name else ""))
+    if trust_remote_code:
+        # datasets 5 runs no loading scripts, so the flag cannot do anything here.
+        logger.warning("trust_remote_code has no effect on datasets %s (no loading scripts)", datasets.__version__)
+        notes.append(
+            f"trust_remote_code ignored for the dataset: datasets {datasets.__version__} runs no loading scripts"
+        )
+    splits = _load_dataset_dict(source, config_name, revision=revision, data_dir=data_dir)
+
+    if train_split not in splits:
+        raise DataError(f"split {train_split!r} not found; {source!r} has splits {list(splits)}: pass --train_split")
+    train = splits[train_split]
+    if validation_split is not None:
+        if validation_split not in splits:
+            raise DataError(
+                f"split {validation_split!r} not found; {source!r} has splits {list(splits)}: pass --validation_split"
+            )
+        evaluation = splits[validation_split]
+    else:
+        preferred = ([preset.eval_split] if preset else []) + list(VALIDATION_SPLIT_CANDIDATES)
+        found = next((name for name in preferred if name in splits and name != train_split), None)
+        if found is not None:
+            evaluation = splits[found]
+            notes.append(f"evaluating on split {found!r}")
+        else:
+            if len(train) < 2:
+                raise DataError(f"split {train_split!r} has {len(train)} rows: too few to carve a validation split")
+            carved = train.train_test_split(test_size=validation_fraction, seed=seed, shuffle=True)
+            train, evaluation = carved["train"], carved["test"]
+            notes.append(
+                f"no validation split: carved {validation_fraction:.0%} of {train_split!r} with seed {seed} "
+                f"({len(train)} train / {len(evaluation)} eval)"
+            )
+
+    columns = list(train.column_names)
+    image_column = _find_column(columns, image_column, IMAGE_COLUMN_CANDIDATES, "image", "--image_column")
+    label_column = _find_column(columns, label_column, LABEL_COLUMN_CANDIDATES, "label", "--label_column")
+    if label_column == image_column:
+        raise DataError(f"image and label column are both {image_column!r}: pass --image_column/--label_column")
+    for split_ds, split_name in ((evaluation, "evaluation"),):
+        missing = [col for col in (image_column, label_column) if col not in split_ds.column_names]
+        if missing:
+            raise DataError(f"{split_name} split lacks columns {missing}; it has {split_ds.column_names}")
+    name_column = next((col for col in NAME_COLUMN_CANDIDATES if col in columns), None)
+
+    # Classes: explicit file > the dataset's own id2label.json > the preset's table.
+    if id2label_file is not None:
+        id2label = _read_id2label_file(id2label_file)
+        notes.append(f"classes from {id2label_file}")
+    else:
+        found_file = _dataset_id2label_file(source, revision)
+        if found_file is not None:
+            id2label = _read_id2label_file(found_file)
+            notes.append(f"classes from the dataset's id2label.json ({len(id2label)} classes)")
+            preset_names = [n.lower() for n in preset.id2label.values()] if preset is not None else None
+            if preset_names is not None and [n.lower() for n in id2label.values()] != preset_names:
+                notes.append(
+                    f"the dataset's id2label.json differs from the {preset.name} preset's classes; using the file"
+                )
+        elif preset is not None:
+            id2label = dict(preset.id2label)
+            notes.append(f"classes from the {preset.name} preset ({len(id2label)} classes)")
+        else:
+            raise DataError(
+                f"no class names for {source!r}: it has no id2label.json; pass --id2label FILE with "
+                "{\"0\": \"name\", ...} or a --dataset preset"
+            )
+
+    if ignore_index is None:
+        ignore_index = preset.ignore_index if preset else 255
+    mapping = preset.label_handling if preset else LABELS_IDENTITY
+    if do_reduce_labels is True:
+        if mapping != LABELS_REDUCE:
+            notes.append(f"reduce labels forced by do_reduce_labels=True (instead of {mapping})")
+        mapping = LABELS_REDUCE
+    elif do_reduce_labels is False and mapping == LABELS_REDUCE:
+        mapping = LABELS_IDENTITY
+        notes.append("reduce labels disabled by do_reduce_labels=False")
+    train = _cast_undecoded(train, (image_column, label_column))
+    evaluation = _cast_undecoded(evaluation, (image_column, label_column))
+    if mapping == LABELS_CITYSCAPES_AUTO:
+        probe = [decode_label(train[i][label_column], f"{train_split} row {i}") for i in range(min(8, len(train)))]
+        kind = _cityscapes_format(probe)
+        mapping = LABELS_CITYSCAPES_LABELID if kind == "labelId" else LABELS_IDENTITY
+        notes.append(f"Cityscapes masks hold {kind}s (judged from {len(probe)} training masks)"
+                     + ("; mapping labelId -> trainId" if kind == "labelId" else "; used as they are"))
+    if 0 <= ignore_index < len(id2label):
+        raise DataError(
+            f"ignore_index {ignore_index} is a class id (0..{len(id2label) - 1}): pick a value outside the classes"
+        )
+
+    if max_train_samples is not None:
+        train = train.select(range(min(max_train_samples, len(train))))
+        notes.append(f"kept the first {len(train)} training rows (max_train_samples)")
+    if max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(max_eval_samples, len(evaluation))))
+        notes.append(f"kept the first {len(evaluation)} evaluation rows (max_eval_samples)")
+
+    info = DataInfo(
+        id2label=id2label,
+        label2id={name: idx for idx, name in id2label.items()},
+        num_labels=len(id2label),
+        ignore_index=int(ignore_index),
+        image_column=image_column,
+        label_column=label_column,
+        crop_size=preset.crop_size if preset else (512, 512),
+        label_mapping=mapping,
+        label_transform=_describe_mapping(mapping, int(ignore_index)),
+        notes=notes,
+        preset=preset.name if preset else None,
+        source=source,
+        name_column=name_column,
+        default_teacher=preset.default_teacher if preset else None,
+        default_student=preset.default_student if preset else None,
+    )
+    return train, evaluation, info
+
+
+def _cast_undecoded(ds: datasets.Dataset, columns: Sequence[str]) -> datasets.Dataset:
+    # Decoding is left to the pipelines so it happens once, in workers, and a
+    # corrupt file becomes an error naming the sample instead of a crash deep in Arrow.
+    for column in columns:
+        feature = ds.features.get(column)
+        if isinstance(feature, datasets.Image) and feature.decode:
+            ds = ds.cast_column(column, datasets.Image(decode=False))
+    return ds
+
+
+def _load_synthetic(config_name: str | None, max_train_samples: int | None, max_eval_samples: int | None
+                    ) -> tuple[datasets.Dataset, datasets.Dataset, DataInfo]:
+    preset = DATASET_PRESETS["synthetic"]
+    height, width = _parse_size(config_name) if config_name else (128, 128)
+    num_train = 512 if max_train_samples is None else max(1, min(max_train_samples, 512))
+    num_eval = 64 if max_eval_samples is None else max(1, min(max_eval_samples, 64))
+    train, evaluation = make_synthetic_splits(num_train, num_eval, height=height, width=width, seed=0)
+    notes = [
+        f"preset synthetic: {preset.notes}",
+        f"{num_train} train / {num_eval} eval scenes of {height}x{width}, scene seed 0",
+    ]
+    info = DataInfo(
+        id2label=dict(preset.id2label),
+        label2id={name: idx for idx, name in preset.id2label.items()},
+        num_labels=len(preset.id2label),
+        ignore_index=255,
+        image_column="image",
+        label_column="label",
+        crop_size=(min(preset.crop_size[0], height), min(preset.crop_size[1], width)),
+        label_mapping=LABELS_IDENTITY,
+        label_transform=_describe_mapping(LABELS_IDENTITY, 255),
+        notes=notes,
+        preset="synthetic",
+        source="synthetic",
+        name_column="index",
+        default_teacher=preset.default_teacher,
+        default_student=preset.default_student,
+    )
+    return train, evaluation, info
+
+
+def check_split_sizes(train: Sequence | datasets.Dataset, evaluation: Sequence | datasets.Dataset,
+                      train_batch_size: int, world_size: int = 1) -> None:
+    """Raise :class:`DataError` if a split is empty or train cannot fill one batch per process."""
+    if train_batch_size < 1 or world_size < 1:
+        raise DataError(f"batch size and world size must be positive, got {train_batch_size} and {world_size}")
+    if len(train) == 0:
+        raise DataError("the training split is empty: check --train_split and --max_train_samples")
+    if len(evaluation) == 0:
+        raise DataError("the evaluation split is empty: check --validation_split and --max_eval_samples")
+    needed = train_batch_size * world_size
+    if len(train) < needed:
+        raise DataError(
+            f"the training split has {len(train)} samples, fewer than one batch ({train_batch_size} per device x "
+            f"{world_size} processes = {needed}): lower the batch size or use more training data"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Torch datasets: decoding, augmentation, collation
+# --------------------------------------------------------------------------------------
+
+
+def _writable(array: np.ndarray) -> np.ndarray:
+    # PIL-backed arrays are read-only; torch warns on those, so copy only when needed.
+    return np.require(array, requirements=["C", "W"])
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A ``torch.Generator`` seeded from (seed, epoch, index) alone.
+
+    Independent of worker count, process count, and of which batches were
+    skipped when resuming, so every run sees the same augmentation per sample.
+    """
+    if seed < 0 or epoch < 0 or index < 0:
+        raise ValueError(f"seed, epoch and index must be non-negative, got {seed}, {epoch}, {index}")
+    state = np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(2, dtype=np.uint32)
+    generator = torch.Generator()
+    generator.manual_seed((int(state[0]) << 31) ^ int(state[1]))
+    return generator
+
+
+class _SegmentationSource(torch.utils.data.Dataset):
+    """Shared decoding: a row of the HF dataset -> (image uint8 HWC, label int64 HW)."""
+
+    def __init__(self, hf_ds: datasets.Dataset, info: DataInfo, mean: Sequence[float], std: Sequence[float],
+                 skip_bad_samples: bool):
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"mean and std need 3 values (RGB), got {list(mean)} and {list(std)}")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"std values must be positive, got {list(std)}")
+        self.hf_ds = hf_ds
+        self.info = info
+        self.mean = torch.tensor([float(m) for m in mean]).view(3, 1, 1)
+        self.std = torch.tensor([float(s) for s in std]).view(3, 1, 1)
+        self.skip_bad_samples = skip_bad_samples
+        split = getattr(hf_ds, "split", None)
+        self.split_name = str(split) if split is not None else "dataset"
+
+    def __len__(self) -> int:
+        return len(self.hf_ds)
+
+    def _describe(self, index: int, row: dict | None) -> str:
+        text = f"{self.split_name} row {index}"
+        if row is not None:
+            name_column = self.info.name_column
+            if name_column and name_column in row and not isinstance(row[name_column], (dict, bytes)):
+                text += f" ({name_column}={row[name_column]!r})"
+            image_value = row.get(self.info.image_column)
+            if isinstance(image_value, dict) and image_value.get("path"):
+                text += f" file {image_value['path']}"
+        return text
+
+    def _decode(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        row = None
+        try:
+            row = self.hf_ds[int(index)]
+            what = self._describe(index, row)
+            image = decode_image(row[self.info.image_column], f"{what} image")
+            label = decode_label(row[self.info.label_column], f"{what} label")
+            if image.shape[:2] != label.shape:
+                raise BadSampleError(
+                    f"{what}: image is {image.shape[1]}x{image.shape[0]} but its label is "
+                    f"{label.shape[1]}x{label.shape[0]} (WxH); image and mask must have the same size"
+                )
+        except BadSampleError:
+            raise
+        except Exception as err:  # anything else while reading a row is also about that sample
+            raise BadSampleError(f"{self._describe(index, row)}: {type(err).__name__}: {err}") from err
+        label = map_labels(label, self.info.label_mapping, self.info.ignore_index)
+        return image, label
+
+    def _skipped(self, index: int, err: BadSampleError) -> dict:
+        if not self.skip_bad_samples:
+            raise err
+        logger.warning("skipping bad sample: %s", err)
+        return {"skipped": True, "index": index, "reason": str(err)}
+
+    def _normalise(self, image: torch.Tensor) -> torch.Tensor:
+        return (image - self.mean) / self.std
+
+
+class SegmentationTrainDataset(_SegmentationSource):
+    """Random scale, pad, crop, flip and normalise; deterministic per (seed, epoch, index).
+
+    Items: ``{"pixel_values": float (3, h, w), "labels": long (h, w)}`` with
+    (h, w) = ``crop_size``, or ``{"skipped": True, ...}`` for a bad sample when
+    ``skip_bad_samples`` (dropped and counted by :func:`train_collate`).
+    """
+
+    def __init__(self, hf_ds: datasets.Dataset, info: DataInfo, *, crop_size: tuple[int, int],
+                 mean: Sequence[float], std: Sequence[float], seed: int,
+                 scale_range: tuple[float, float] = (0.5, 2.0), skip_bad_samples: bool = False):
+        super().__init__(hf_ds, info, mean, std, skip_bad_samples)
+        crop_h, crop_w = (int(v) for v in crop_size)
+        if crop_h < 1 or crop_w < 1:
+            raise ValueError(f"crop_size must be positive (h, w), got {crop_size}")
+        low, high = (float(v) for v in scale_range)
+        if not 0 < low <= high:
+            raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}")
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
+        self.crop_size = (crop_h, crop_w)
+        self.scale_range = (low, high)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose augmentations ``__getitem__`` draws.
+
+        Call before creating each epoch's DataLoader iterator; non-persistent
+        workers copy the dataset, epoch included, when the iterator starts.
+        """
+        if epoch < 0:
+            raise ValueError(f"epoch must be non-negative, got {epoch}")
+        self.epoch = int(epoch)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            image_np, label_np = self._decode(index)
+        except BadSampleError as err:
+            return self._skipped(index, err)
+        generator = sample_generator(self.seed, self.epoch, int(index))
+        image = torch.from_numpy(_writable(image_np)).permute(2, 0, 1).float().div_(255.0)
+        label = torch.from_numpy(_writable(label_np))
+        image, label = self._augment(image, label, generator)
+        return {"pixel_values": image, "labels": label}
+
+    def _augment(self, image: torch.Tensor, label: torch.Tensor, generator: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        low, high = self.scale_range
+        scale = low + (high - low) * float(torch.rand((), generator=generator))
+        height, width = label.shape
+        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+        if (new_h, new_w) != (height, width):
+            image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False,
+                                  antialias=scale < 1.0)[0]
+            # nearest-exact samples pixel centres like bilinear(align_corners=False), so masks stay aligned.
+            label = F.interpolate(label[None, None].float(), size=(new_h, new_w), mode="nearest-exact")[0, 0].long()
+        # The scaled image is conceptually padded bottom/right to at least the crop
+        # size; cropping first and padding the crop is the same and cheaper.
+        crop_h, crop_w = self.crop_size
+        top = int(torch.randint(0, max(new_h, crop_h) - crop_h + 1, (), generator=generator))
+        left = int(torch.randint(0, max(new_w, crop_w) - crop_w + 1, (), generator=generator))
+        image = self._normalise(image[:, top:top + crop_h, left:left + crop_w])
+        label = label[top:top + crop_h, left:left + crop_w]
+        pad_h, pad_w = crop_h - label.shape[0], crop_w - label.shape[1]
+        if pad_h or pad_w:
+            # Padding after normalisation: 0 is the mean colour; padded labels are ignored.
+            image = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
+            label = F.pad(label, (0, pad_w, 0, pad_h), value=self.info.ignore_index)
+        if float(torch.rand((), generator=generator)) < 0.5:
+            image = image.flip(-1)
+            label = label.flip(-1)
+        return image.contiguous(), label.contiguous()
+
+
+class SegmentationEvalDataset(_SegmentationSource):
+    """Whole images (optionally resized so the short side is ``short_side``), labels at full resolution.
+
+    Items: ``{"pixel_values": float (3, h, w), "labels": long (H, W),
+    "ignore_index": int}``; :func:`eval_collate` pads and batches them.
+    """
+
+    def __init__(self, hf_ds: datasets.Dataset, info: DataInfo, *, mean: Sequence[float], std: Sequence[float],
+                 short_side: int | None = None, skip_bad_samples: bool = False):
+        super().__init__(hf_ds, info, mean, std, skip_bad_samples)
+        if short_side is not None and short_side < 1:
+            raise ValueError(f"short_side must be positive, got {short_side}")
+        self.short_side = short_side
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            image_np, label_np = self._decode(index)
+        except BadSampleError as err:
+            return self._skipped(index, err)
+        image = torch.from_numpy(_writable(image_np)).permute(2, 0, 1).float().div_(255.0)
+        if self.short_side is not None:
+            height, width = image.shape[1:]
+            factor = self.short_side / min(height, width)
+            size = (max(1, round(height * factor)), max(1, round(width * factor)))
+            if size != (height, width):
+                image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False,
+                                      antialias=factor < 1.0)[0]
+        return {
+            "pixel_values": self._normalise(image),
+            "labels": torch.from_numpy(_writable(label_np)),
+            "ignore_index": self.info.ignore_index,
+        }
+
+
+def build_train_dataset(hf_ds: datasets.Dataset, info: DataInfo, *, crop_size: tuple[int, int],
+                        mean: Sequence[float], std: Sequence[float], seed: int,
+                        scale_range: tuple[float, float] = (0.5, 2.0),
+                        skip_bad_samples: bool = False) -> SegmentationTrainDataset:
+    """Training pipeline over ``hf_ds`` (see :class:`SegmentationTrainDataset`).
+
+    Args:
+        hf_ds: a split from :func:`load_splits`.
+        info: its :class:`DataInfo`.
+        crop_size: (h, w) of every training sample.
+        mean, std: normalisation for [0, 1] RGB input (from the model's image processor).
+        seed: base seed; sample randomness = f(seed, epoch, index).
+        scale_range: random rescale factor range.
+        skip_bad_samples: drop undecodable samples (counted in batches) instead of raising.
+    """
+    return SegmentationTrainDataset(hf_ds, info, crop_size=crop_size, mean=mean, std=std, seed=seed,
+                                    scale_range=scale_range, skip_bad_samples=skip_bad_samples)
+
+
+def build_eval_dataset(hf_ds: datasets.Dataset, info: DataInfo, *, mean: Sequence[float], std: Sequence[float],
+                       short_side: int | None = None, skip_bad_samples: bool = False) -> SegmentationEvalDataset:
+    """Evaluation pipeline over ``hf_ds`` (see :class:`SegmentationEvalDataset`)."""
+    return SegmentationEvalDataset(hf_ds, info, mean=mean, std=std, short_side=short_side,
+                                   skip_bad_samples=skip_bad_samples)
+
+
+def _split_skipped(samples: Sequence[dict]) -> tuple[list[dict], int]:
+    kept = [s for s in samples if not s.get("skipped")]
+    return kept, len(samples) - len(kept)
+
+
+def train_collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """Stack training samples, dropping skipped ones.
+
+    Returns:
+        ``pixel_values`` (B, 3, h, w), ``labels`` (B, h, w) long, ``num_skipped``
+        (0-dim long). B may be 0 when every sample was skipped; the loop should
+        then add ``num_skipped`` to its tally and move on.
+    """
+    kept, skipped = _split_skipped(samples)
+    if not kept:
+        return {"pixel_values": torch.empty(0, 3, 0, 0), "labels": torch.empty(0, 0, 0, dtype=torch.long),
+                "num_skipped": torch.tensor(skipped)}
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in kept]),
+        "labels": torch.stack([s["labels"] for s in kept]).long(),
+        "num_skipped": torch.tensor(skipped),
+    }
+
+
+def eval_collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """Pad evaluation samples to the batch's largest image and label.
+
+    Images are padded with 0 (bottom/right), labels with the samples' ignore index.
+
+    Returns:
+        ``pixel_values`` (B, 3, H, W), ``labels`` (B, Hl, Wl) long,
+        ``image_sizes`` (B, 2) long (h, w before padding), ``label_sizes``
+        (B, 2) long, ``num_skipped`` (0-dim long).
+    """
+    kept, skipped = _split_skipped(samples)
+    if not kept:
+        return {
+            "pixel_values": torch.empty(0, 3, 0, 0), "labels": torch.empty(0, 0, 0, dtype=torch.long),
+            "image_sizes": torch.empty(0, 2, dtype=torch.long), "label_sizes": torch.empty(0, 2, dtype=torch.long),
+            "num_skipped": torch.tensor(skipped),
+        }
+    ignore_index = int(kept[0].get("ignore_index", 255))
+    image_sizes = torch.tensor([tuple(s["pixel_values"].shape[1:]) for s in kept], dtype=torch.long)
+    label_sizes = torch.tensor([tuple(s["labels"].shape) for s in kept], dtype=torch.long)
+    max_h, max_w = (int(v) for v in image_sizes.max(0).values)
+    max_lh, max_lw = (int(v) for v in label_sizes.max(0).values)
+    pixel_values = torch.zeros(len(kept), 3, max_h, max_w, dtype=kept[0]["pixel_values"].dtype)
+    labels = torch.full((len(kept), max_lh, max_lw), ignore_index, dtype=torch.long)
+    for i, sample in enumerate(kept):
+        h, w = sample["pixel_values"].shape[1:]
+        pixel_values[i, :, :h, :w] = sample["pixel_values"]
+        lh, lw = sample["labels"].shape
+        labels[i, :lh, :lw] = sample["labels"]
+    return {"pixel_values": pixel_values, "labels": labels, "image_sizes": image_sizes,
+            "label_sizes": label_sizes, "num_skipped": torch.tensor(skipped)}

@@ -1,0 +1,453 @@
+"""Tests for data.py: loading, label mappings, decoding, augmentation, collation. Offline, tiny images."""
+
+import io
+import json
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+CAMVID = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "camvid"
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def png_bytes(image: Image.Image) -> dict:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def write_dataset(root: Path, splits: dict[str, dict[str, list]], id2label: dict | None = None) -> Path:
+    """A Hub-style folder (data/<split>-00000-of-00001.parquet [+ id2label.json]) that load_dataset reads."""
+    (root / "data").mkdir(parents=True)
+    for split, columns in splits.items():
+        features = datasets.Features({
+            name: datasets.Image() if isinstance(values[0], dict) else datasets.Value("string")
+            for name, values in columns.items()
+        })
+        datasets.Dataset.from_dict(columns, features=features).to_parquet(
+            str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    if id2label is not None:
+        (root / "id2label.json").write_text(json.dumps({str(k): v for k, v in id2label.items()}))
+    return root
+
+
+def rgb(h: int, w: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def mask(values: np.ndarray, mode: str = "L") -> Image.Image:
+    if mode == "I;16":
+        return Image.fromarray(values.astype(np.uint16))
+    image = Image.fromarray(values.astype(np.uint8), mode="L")
+    if mode == "P":
+        image = image.convert("P")
+        image.putpalette(list(np.random.default_rng(1).integers(0, 256, 768, dtype=np.uint8)))
+    return image
+
+
+def simple_dataset(root: Path, labels: list[np.ndarray], mode: str = "L", **extra_splits) -> Path:
+    h, w = labels[0].shape
+    columns = {
+        "image": [png_bytes(rgb(h, w, i)) for i in range(len(labels))],
+        "label": [png_bytes(mask(lab, mode)) for lab in labels],
+        "name": [f"frame_{i:03d}" for i in range(len(labels))],
+    }
+    return write_dataset(root, {"train": columns, **extra_splits})
+
+
+def first_eval_label(train_or_eval: datasets.Dataset, info: data.DataInfo, index: int = 0) -> np.ndarray:
+    sample = data.build_eval_dataset(train_or_eval, info, mean=MEAN, std=STD)[index]
+    return sample["labels"].numpy()
+
+
+def denormalise(pixel_values: torch.Tensor) -> torch.Tensor:
+    return pixel_values * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)
+
+
+# ----------------------------------------------------------------------------- real data
+
+
+def test_camvid_loads_with_its_classes_and_splits():
+    train, evaluation, info = data.load_splits(dataset_name=str(CAMVID))
+    assert (len(train), len(evaluation)) == (367, 101)
+    assert info.num_labels == 11
+    assert info.id2label == {int(k): v for k, v in json.loads((CAMVID / "id2label.json").read_text()).items()}
+    assert info.label2id["car"] == 8
+    assert (info.image_column, info.label_column, info.name_column) == ("image", "label", "name")
+    assert info.ignore_index == 255 and info.label_mapping == data.LABELS_IDENTITY
+    assert any("evaluating on split 'validation'" in note for note in info.notes)
+
+
+def test_camvid_batches_are_aligned_through_workers():
+    train, evaluation, info = data.load_splits("camvid", dataset_name=str(CAMVID), max_train_samples=4,
+                                               max_eval_samples=2)
+    raw = [(np.asarray(Image.open(io.BytesIO(train[i]["image"]["bytes"])).convert("RGB")),
+            np.asarray(Image.open(io.BytesIO(train[i]["label"]["bytes"])))) for i in range(4)]
+    # Scale 1 and a full-size crop leave only the flip random: each sample must be raw or
+    # flipped, image and label together.
+    train_ds = data.build_train_dataset(train, info, crop_size=(360, 480), mean=MEAN, std=STD, seed=3,
+                                        scale_range=(1.0, 1.0))
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=2, num_workers=2, collate_fn=data.train_collate)
+    batches = list(loader)
+    assert [b["pixel_values"].shape for b in batches] == [(2, 3, 360, 480)] * 2
+    flips = set()
+    for i, (image, label) in enumerate(raw):
+        batch = batches[i // 2]
+        got_image = (denormalise(batch["pixel_values"][i % 2]) * 255).round().permute(1, 2, 0).numpy()
+        got_label = batch["labels"][i % 2].numpy()
+        flipped = not np.array_equal(got_label, label)
+        flips.add(flipped)
+        expected_image, expected_label = (image[:, ::-1], label[:, ::-1]) if flipped else (image, label)
+        assert np.array_equal(got_label, expected_label)
+        assert np.abs(got_image - expected_image).max() <= 1
+        assert int(batch["num_skipped"]) == 0
+
+    eval_ds = data.build_eval_dataset(evaluation, info, mean=MEAN, std=STD, short_side=180)
+    batch = data.eval_collate([eval_ds[0], eval_ds[1]])
+    assert batch["pixel_values"].shape == (2, 3, 180, 240)
+    assert batch["labels"].shape == (2, 360, 480)  # labels stay at full resolution
+    assert batch["image_sizes"].tolist() == [[180, 240]] * 2 and batch["label_sizes"].tolist() == [[360, 480]] * 2
+    values = set(torch.unique(batch["labels"]).tolist())
+    assert values <= set(range(11)) | {255} and len(values) > 3
+    data.check_labels(batch["labels"], info.num_labels, info.ignore_index)
+
+
+# ----------------------------------------------------------------------------- label mappings
+
+
+def test_cityscapes_label_ids_map_to_train_ids():
+    label_ids = np.array([[0, 1, 7, 8, 11], [12, 13, 17, 19, 20], [21, 22, 23, 24, 25],
+                          [26, 27, 28, 29, 31], [32, 33, 9, 255, 3]])
+    expected = np.array([[255, 255, 0, 1, 2], [3, 4, 5, 6, 7], [8, 9, 10, 11, 12],
+                         [13, 14, 15, 255, 16], [17, 18, 255, 255, 255]])
+    assert np.array_equal(data.map_labels(label_ids, data.LABELS_CITYSCAPES_LABELID, 255), expected)
+
+
+def test_cityscapes_preset_detects_label_ids_and_leaves_train_ids(tmp_path):
+    label_id_mask = np.full((6, 8), 7)
+    label_id_mask[:2] = 23  # sky
+    label_id_mask[4:, :3] = 26  # car
+    label_id_mask[0, 0] = 0  # unlabeled
+    folder = simple_dataset(tmp_path / "ids", [label_id_mask] * 3)
+    train, _, info = data.load_splits("cityscapes", dataset_name=str(folder), validation_fraction=0.34)
+    assert info.label_mapping == data.LABELS_CITYSCAPES_LABELID and info.num_labels == 19
+    label = first_eval_label(train, info)
+    assert set(np.unique(label)) == {0, 10, 13, 255}
+    assert label[0, 0] == 255 and label[0, 5] == 10 and label[5, 0] == 13
+
+    train_id_mask = np.where(label_id_mask == 7, 0, np.where(label_id_mask == 23, 10, 13))
+    train_id_mask[0, 0] = 255
+    folder = simple_dataset(tmp_path / "train_ids", [train_id_mask] * 3)
+    train, _, info = data.load_splits("cityscapes", dataset_name=str(folder), validation_fraction=0.34)
+    assert info.label_mapping == data.LABELS_IDENTITY
+    assert np.array_equal(first_eval_label(train, info), train_id_mask)
+    assert any("trainIds" in note for note in info.notes)
+
+
+def test_ade20k_reduces_labels(tmp_path):
+    assert data.map_labels(np.array([[0, 1, 2, 150, 255]]), data.LABELS_REDUCE, 255).tolist() == [[255, 0, 1, 149, 255]]
+    values = np.array([[0, 1, 2], [150, 3, 0]])
+    folder = simple_dataset(tmp_path / "ade", [values] * 2, validation={
+        "image": [png_bytes(rgb(2, 3))], "label": [png_bytes(mask(values))], "name": ["v"]})
+    train, _, info = data.load_splits("ade20k", dataset_name=str(folder))
+    assert info.num_labels == 150 and info.label_mapping == data.LABELS_REDUCE
+    assert first_eval_label(train, info).tolist() == [[255, 0, 1], [149, 2, 255]]
+    _, _, plain = data.load_splits("ade20k", dataset_name=str(folder), do_reduce_labels=False)
+    assert plain.label_mapping == data.LABELS_IDENTITY
+
+
+def test_pascal_voc_keeps_palette_indices_and_255_boundaries(tmp_path):
+    values = np.zeros((8, 8), dtype=np.uint8)
+    values[2:6, 2:6] = 15  # person
+    values[1, 1:7] = 255  # boundary
+    folder = simple_dataset(tmp_path / "voc", [values] * 2, mode="P", val={
+        "image": [png_bytes(rgb(8, 8))], "label": [png_bytes(mask(values, "P"))], "name": ["v"]})
+    train, evaluation, info = data.load_splits("pascal-voc", dataset_name=str(folder))
+    assert info.num_labels == 21 and info.ignore_index == 255
+    assert len(evaluation) == 1 and any("'val'" in note for note in info.notes)
+    assert np.array_equal(first_eval_label(train, info), values)
+
+
+def test_check_labels_names_bad_values_and_fixes():
+    data.check_labels(torch.tensor([[0, 10, 255]]), 11, 255)
+    with pytest.raises(data.LabelValueError) as info:
+        data.check_labels(torch.tensor([[0, 3, 12, 255, 40, -1]]), 11, 255)
+    message = str(info.value)
+    assert "-1, 12, 40" in message and "--ignore_index" in message and "--do_reduce_labels" in message
+    with pytest.raises(data.LabelValueError, match=r"\.\.\. \(20 distinct\)"):
+        data.check_labels(torch.arange(100, 120), 11, 255)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def test_unusual_image_modes_are_converted(tmp_path):
+    base = np.random.default_rng(0).integers(0, 256, (5, 6, 3), dtype=np.uint8)
+    grey = base[:, :, 0]
+    rgba = np.dstack([base, np.full((5, 6), 7, dtype=np.uint8)])
+    palette_image = Image.fromarray(base).quantize(colors=16)
+    sixteen = (grey.astype(np.uint16) * 257)
+    images = [Image.fromarray(grey, mode="L"), Image.fromarray(rgba, mode="RGBA"), palette_image,
+              Image.fromarray(sixteen)]
+    label_values = np.arange(30).reshape(5, 6) % 4
+    labels = [mask(label_values, "L"), mask(label_values, "P"), mask(label_values + 300, "I;16"),
+              Image.fromarray(np.dstack([label_values.astype(np.uint8)] * 3))]  # grey RGB mask
+    folder = write_dataset(tmp_path / "modes", {"train": {
+        "image": [png_bytes(im) for im in images], "label": [png_bytes(lb) for lb in labels],
+        "name": ["L", "RGBA", "P", "I16"]}}, id2label={i: f"c{i}" for i in range(400)})
+    train, evaluation, _ = data.load_splits(dataset_name=str(folder), validation_fraction=0.25, ignore_index=1000)
+    full = datasets.concatenate_datasets([train, evaluation])
+    decoded = {}
+    for i in range(len(full)):
+        row = full[i]
+        decoded[row["name"]] = (data.decode_image(row["image"]), data.decode_label(row["label"]))
+    assert all(image.shape == (5, 6, 3) and image.dtype == np.uint8 for image, _ in decoded.values())
+    assert np.array_equal(decoded["L"][0], np.dstack([grey] * 3))
+    assert np.array_equal(decoded["RGBA"][0], base)
+    assert np.array_equal(decoded["P"][0], np.asarray(palette_image.convert("RGB")))
+    assert np.array_equal(decoded["I16"][0], np.dstack([grey] * 3))
+    assert np.array_equal(decoded["L"][1], label_values)
+    assert np.array_equal(decoded["RGBA"][1], label_values)  # the "P" mask kept its indices
+    assert np.array_equal(decoded["P"][1], label_values + 300)  # 16-bit labels keep their values
+    assert np.array_equal(decoded["I16"][1], label_values)
+
+
+def test_colour_coded_label_is_refused():
+    colour = np.zeros((4, 4, 3), dtype=np.uint8)
+    colour[:2] = (128, 64, 128)
+    with pytest.raises(data.BadSampleError, match="colour-coded"):
+        data.decode_label(png_bytes(Image.fromarray(colour)), "row 3 label")
+
+
+def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path):
+    labels = [np.zeros((4, 4), dtype=np.uint8)] * 4
+    columns = {
+        "image": [png_bytes(rgb(4, 4)), {"bytes": b"definitely not a png", "path": None},
+                  png_bytes(rgb(4, 4)), png_bytes(rgb(4, 4))],
+        "label": [png_bytes(mask(lab)) for lab in labels],
+        "name": ["frame_000", "frame_001", "frame_002", "frame_003"],
+    }
+    folder = write_dataset(tmp_path / "corrupt", {"train": columns, "validation": columns},
+                           id2label={0: "a", 1: "b"})
+    _, evaluation, info = data.load_splits(dataset_name=str(folder))
+    strict = data.build_train_dataset(evaluation, info, crop_size=(4, 4), mean=MEAN, std=STD, seed=0)
+    with pytest.raises(data.BadSampleError, match=r"row 1 \(name='frame_001'\).*cannot decode"):
+        strict[1]
+    lenient = data.build_train_dataset(evaluation, info, crop_size=(4, 4), mean=MEAN, std=STD, seed=0,
+                                       skip_bad_samples=True)
+    batches = list(torch.utils.data.DataLoader(lenient, batch_size=2, collate_fn=data.train_collate))
+    assert [int(b["num_skipped"]) for b in batches] == [1, 0]
+    assert [b["pixel_values"].shape[0] for b in batches] == [1, 2]
+    eval_ds = data.build_eval_dataset(evaluation, info, mean=MEAN, std=STD, skip_bad_samples=True)
+    batch = data.eval_collate([eval_ds[1]])
+    assert int(batch["num_skipped"]) == 1 and batch["pixel_values"].shape[0] == 0
+
+
+def test_image_and_label_of_different_sizes_name_the_sample(tmp_path):
+    columns = {"image": [png_bytes(rgb(4, 6))] * 2, "label": [png_bytes(mask(np.zeros((4, 5))))] * 2,
+               "name": ["a", "b"]}
+    folder = write_dataset(tmp_path / "sizes", {"train": columns}, id2label={0: "x"})
+    train, _, info = data.load_splits(dataset_name=str(folder), validation_fraction=0.5)
+    with pytest.raises(data.BadSampleError, match=r"row 0 \(name='.'\).*6x4 but its label is 5x4"):
+        data.build_eval_dataset(train, info, mean=MEAN, std=STD)[0]
+
+
+# ----------------------------------------------------------------------------- loading errors and notes
+
+
+def test_missing_column_lists_the_columns(tmp_path):
+    folder = write_dataset(tmp_path / "cols", {"train": {
+        "picture": [png_bytes(rgb(4, 4))] * 2, "target": [png_bytes(mask(np.zeros((4, 4))))] * 2}},
+        id2label={0: "x"})
+    with pytest.raises(data.DataError) as info:
+        data.load_splits(dataset_name=str(folder))
+    assert "['picture', 'target']" in str(info.value) and "--image_column" in str(info.value)
+    with pytest.raises(data.DataError, match="label column 'gt' not found.*'picture', 'target'"):
+        data.load_splits(dataset_name=str(folder), image_column="picture", label_column="gt")
+    train, _, info = data.load_splits(dataset_name=str(folder), image_column="picture", label_column="target")
+    assert (info.image_column, info.label_column) == ("picture", "target")
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(data.DataError) as info:
+        data.load_splits("kitti")
+    for name in ("cityscapes", "pascal-voc", "ade20k", "camvid", "synthetic"):
+        assert name in str(info.value)
+
+
+def test_missing_class_names_ask_for_id2label(tmp_path):
+    folder = simple_dataset(tmp_path / "nolabels", [np.zeros((4, 4))] * 2)
+    with pytest.raises(data.DataError, match="--id2label FILE"):
+        data.load_splits(dataset_name=str(folder))
+    names = tmp_path / "classes.json"
+    names.write_text(json.dumps(["background", "thing"]))
+    _, _, info = data.load_splits(dataset_name=str(folder), id2label_file=str(names))
+    assert info.id2label == {0: "background", 1: "thing"}
+
+
+def test_no_validation_split_is_carved_reproducibly_with_a_note(tmp_path):
+    folder = simple_dataset(tmp_path / "trainonly", [np.zeros((4, 4))] * 20)
+    (folder / "id2label.json").write_text(json.dumps({"0": "x"}))
+    train, evaluation, info = data.load_splits(dataset_name=str(folder), seed=5)
+    assert (len(train), len(evaluation)) == (18, 2)
+    assert any("no validation split: carved 10%" in note and "seed 5" in note for note in info.notes)
+    _, again, again_info = data.load_splits(dataset_name=str(folder), seed=5, trust_remote_code=True)
+    assert evaluation["name"] == again["name"]
+    assert any("trust_remote_code ignored" in note for note in again_info.notes)
+    assert not set(evaluation["name"]) & set(train["name"])
+
+
+def test_hub_dataset_fails_fast_offline():
+    for kwargs in ({"dataset_name": "someone/some-segmentation-set"}, {"dataset": "ade20k"}):
+        start = time.monotonic()
+        with pytest.raises(data.DataError) as info:
+            data.load_splits(**kwargs)
+        assert time.monotonic() - start < 5.0
+        assert "could not be fetched from the Hub" in str(info.value) and "hf auth login" in str(info.value)
+
+
+def test_preset_without_hub_copy_asks_for_a_folder():
+    with pytest.raises(data.DataError, match="pass --dataset_name"):
+        data.load_splits("camvid")
+
+
+def test_split_size_checks():
+    data.check_split_sizes(range(8), range(1), train_batch_size=4, world_size=2)
+    with pytest.raises(data.DataError, match="training split is empty"):
+        data.check_split_sizes([], range(3), train_batch_size=1)
+    with pytest.raises(data.DataError, match="evaluation split is empty"):
+        data.check_split_sizes(range(3), [], train_batch_size=1)
+    with pytest.raises(data.DataError, match="fewer than one batch .*4 per device x 2 processes = 8"):
+        data.check_split_sizes(range(7), range(3), train_batch_size=4, world_size=2)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+PALETTE = np.array([[0.9, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.9], [0.95, 0.95, 0.2]], dtype=np.float32)
+
+
+def block_dataset(n: int = 3, size: tuple[int, int] = (40, 56)) -> tuple[datasets.Dataset, data.DataInfo]:
+    """Images of coloured blocks whose label is the palette index of each pixel's colour."""
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    for _ in range(n):
+        cells = rng.integers(0, len(PALETTE), (size[0] // 8, size[1] // 8))
+        label = np.kron(cells, np.ones((8, 8), dtype=np.int64))
+        images.append((PALETTE[label] * 255).round().astype(np.uint8))
+        labels.append(label.astype(np.uint8))
+    ds = datasets.Dataset.from_dict({"index": list(range(n))}).with_transform(
+        lambda batch: {"image": [images[i] for i in batch["index"]], "label": [labels[i] for i in batch["index"]]})
+    info = data.DataInfo(id2label={i: str(i) for i in range(4)}, label2id={str(i): i for i in range(4)},
+                         num_labels=4, ignore_index=255, image_column="image", label_column="label",
+                         crop_size=(48, 48), label_mapping=data.LABELS_IDENTITY, label_transform="identity")
+    return ds, info
+
+
+def test_augmentation_keeps_image_and_label_aligned():
+    ds, info = block_dataset()
+    train = data.build_train_dataset(ds, info, crop_size=(48, 48), mean=MEAN, std=STD, seed=1)
+    checked = padded = 0
+    for epoch in range(4):
+        train.set_epoch(epoch)
+        for index in range(len(ds)):
+            sample = train[index]
+            label = sample["labels"]
+            assert sample["pixel_values"].shape == (3, 48, 48) and label.shape == (48, 48)
+            assert sample["pixel_values"].dtype == torch.float32 and label.dtype == torch.long
+            colours = denormalise(sample["pixel_values"]).permute(1, 2, 0).numpy()
+            distance = np.linalg.norm(colours[:, :, None, :] - PALETTE[None, None], axis=-1)
+            from_colour = distance.argmin(-1)
+            valid = label.numpy() != 255
+            assert (from_colour[valid] == label.numpy()[valid]).mean() > 0.995
+            pad = ~valid
+            if pad.any():  # padding: ignore label, image 0 after normalisation
+                assert torch.all(sample["pixel_values"][:, torch.from_numpy(pad)] == 0)
+                padded += 1
+            checked += 1
+    assert checked == 12 and padded > 0
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index():
+    ds, info = block_dataset()
+    first = data.build_train_dataset(ds, info, crop_size=(32, 32), mean=MEAN, std=STD, seed=7)
+    second = data.build_train_dataset(ds, info, crop_size=(32, 32), mean=MEAN, std=STD, seed=7)
+    first.set_epoch(2)
+    second.set_epoch(2)
+    for index in (2, 0, 1):  # any access order
+        a, b = first[index], second[index]
+        assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["labels"], b["labels"])
+    second.set_epoch(3)
+    assert not torch.equal(first[1]["pixel_values"], second[1]["pixel_values"])
+    other_seed = data.build_train_dataset(ds, info, crop_size=(32, 32), mean=MEAN, std=STD, seed=8)
+    other_seed.set_epoch(2)
+    assert not torch.equal(first[1]["pixel_values"], other_seed[1]["pixel_values"])
+
+
+def test_eval_collate_pads_images_and_labels():
+    samples = [
+        {"pixel_values": torch.ones(3, 4, 6), "labels": torch.zeros(8, 12, dtype=torch.long), "ignore_index": 99},
+        {"pixel_values": torch.ones(3, 5, 3), "labels": torch.ones(10, 6, dtype=torch.long), "ignore_index": 99},
+    ]
+    batch = data.eval_collate(samples)
+    assert batch["pixel_values"].shape == (2, 3, 5, 6) and batch["labels"].shape == (2, 10, 12)
+    assert batch["image_sizes"].tolist() == [[4, 6], [5, 3]] and batch["label_sizes"].tolist() == [[8, 12], [10, 6]]
+    assert batch["pixel_values"][1, :, :, 3:].abs().sum() == 0 and batch["labels"][0, 8:].eq(99).all()
+    assert batch["labels"][1, :, 6:].eq(99).all() and int(batch["num_skipped"]) == 0
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_scenes_are_deterministic_and_cover_every_class():
+    image, label = data.render_synthetic_scene(0, 5, 96, 160)
+    again_image, again_label = data.render_synthetic_scene(0, 5, 96, 160)
+    assert image.shape == (96, 160, 3) and label.shape == (96, 160) and image.dtype == np.uint8
+    assert np.array_equal(image, again_image) and np.array_equal(label, again_label)
+    assert not np.array_equal(image, data.render_synthetic_scene(0, 6, 96, 160)[0])
+    assert not np.array_equal(image, data.render_synthetic_scene(1, 5, 96, 160)[0])
+
+    train, evaluation, info = data.load_splits("synthetic")
+    assert (len(train), len(evaluation)) == (512, 64) and info.num_labels == len(data.SYNTHETIC_CLASSES) >= 8
+    assert info.crop_size == (128, 128) and info.default_student == "config:segformer-tiny"
+    seen = np.zeros(info.num_labels, dtype=bool)
+    for i in range(24):
+        values = np.unique(train[i]["label"])
+        seen[values[values != 255]] = True
+        assert values.max() == 255 or values.max() < info.num_labels
+    assert seen.all()
+    # Spatial relations that make the classes' context meaningful.
+    rows = np.arange(128)[:, None]
+    sky_rows, road_rows = [], []
+    for i in range(8):
+        lab = train[i]["label"]
+        sky_rows.append(np.broadcast_to(rows, lab.shape)[lab == 0].mean())
+        road_rows.append(np.broadcast_to(rows, lab.shape)[lab == 2].mean())
+    assert np.mean(sky_rows) < 40 < 80 < np.mean(road_rows)
+
+
+def test_synthetic_splits_are_disjoint_and_sizable():
+    train, evaluation, info = data.load_splits("synthetic", dataset_config_name="64x96", max_train_samples=10,
+                                               max_eval_samples=3)
+    assert (len(train), len(evaluation)) == (10, 3)
+    assert train[0]["image"].shape == (64, 96, 3) and info.crop_size == (64, 96)
+    train_ids = {train[i]["index"] for i in range(len(train))}
+    eval_ids = {evaluation[i]["index"] for i in range(len(evaluation))}
+    assert not train_ids & eval_ids
+    batch = data.train_collate([data.build_train_dataset(train, info, crop_size=(64, 64), mean=MEAN, std=STD,
+                                                         seed=0)[i] for i in range(2)])
+    assert batch["pixel_values"].shape == (2, 3, 64, 64)
+    data.check_labels(batch["labels"], info.num_labels, info.ignore_index)
+    with pytest.raises(data.DataError, match="drop --dataset_name, --id2label"):
+        data.load_splits("synthetic", dataset_name="x", id2label_file="y.json")

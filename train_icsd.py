@@ -705,8 +705,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
             if completed_steps % args.logging_steps == 0 or completed_steps == max_train_steps:
                 logs = {f"train/{k}": float(v) / running_count for k, v in running.items()}
-                logs.update({"train/alpha": alpha, "train/lr": optimizer.param_groups[0]["lr"], "train/epoch": epoch})
-                progress.set_postfix(loss=f"{logs['train/loss']:.4f}", alpha=f"{alpha:.3f}")
+                logs.update({"train/lr": optimizer.param_groups[0]["lr"], "train/epoch": epoch})
+                if args.distill == "aicsd":
+                    logs["train/alpha"] = alpha
+                    progress.set_postfix(loss=f"{logs['train/loss']:.4f}", alpha=f"{alpha:.3f}")
+                else:
+                    progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
                 if args.with_tracking:
                     accelerator.log(logs, step=completed_steps)
                 running, running_count = {}, 0

@@ -822,6 +822,11 @@ def _load_dataset_dict(source: str, config_name: str | None, *, revision: str | 
         loaded = datasets.load_dataset(source, config_name, **kwargs)
     except ConnectionError as err:
         raise _hub_unreachable(source, f"offline and not cached: {err}") from None
+    except ValueError as err:
+        if "corresponds to no data" in str(err):  # datasets' words for a split whose files hold no rows
+            raise DataError(f"dataset {source!r} has an empty split ({err}): fix its data files, or pick other "
+                            "splits with --train_split / --validation_split") from None
+        raise
     except RuntimeError as err:
         if "scripts are no longer supported" in str(err):
             raise DataError(
@@ -1209,6 +1214,9 @@ class _SegmentationSource(torch.utils.data.Dataset):
             image_value = row.get(self.info.image_column)
             if isinstance(image_value, dict) and image_value.get("path"):
                 text += f" file {image_value['path']}"
+            label_value = row.get(self.info.label_column)  # the mask may be the file at fault
+            if isinstance(label_value, dict) and label_value.get("path"):
+                text += f" (label file {label_value['path']})"
         return text
 
     def _decode(self, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -1228,6 +1236,13 @@ class _SegmentationSource(torch.utils.data.Dataset):
         except Exception as err:  # anything else while reading a row is also about that sample
             raise BadSampleError(f"{self._describe(index, row)}: {type(err).__name__}: {err}") from err
         label = map_labels(label, self.info.label_mapping, self.info.ignore_index)
+        # Checked here, per sample and on CPU (in a worker), for evaluation as well as training: the error can
+        # name the file, and no out-of-range value ever reaches a GPU kernel (a device-side assert there).
+        # Not a BadSampleError: wrong label values are a dataset-wide setting to fix, not a sample to skip.
+        try:
+            check_labels(torch.from_numpy(_writable(label)), self.info.num_labels, self.info.ignore_index)
+        except LabelValueError as err:
+            raise LabelValueError(f"{self._describe(index, row)}: {err}") from None
         return image, label
 
     def _skipped(self, index: int, err: BadSampleError) -> dict:

@@ -13,10 +13,14 @@ Adaptive Loss Weighting). Mixed precision, several GPUs and several nodes come f
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import json
 import logging
 import math
+import multiprocessing
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -44,6 +48,7 @@ DISTILL_MODES = ("none", "kd", "cwd", "ickd", "icsd", "aicsd")
 SCHEDULERS = ("poly", "linear", "cosine", "constant")
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "training_state.json"
+PREFLIGHT_SAMPLES = 8  # per split, decoded and checked before any model is loaded
 
 
 class UsageError(ValueError):
@@ -115,6 +120,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--eval_steps", type=int, default=None, help="Evaluate every N optimizer steps (and at the end).")
     g.add_argument("--logging_steps", type=int, default=10)
     g.add_argument("--with_tracking", action="store_true")
+    g.add_argument("--log_file", default=None,
+                   help="Append the logged metrics as JSON lines ({'step': N, 'train/loss': ...}), from the main "
+                        "process, averaged over all processes. Needs no tracker. After a resume, the steps after "
+                        "the checkpoint are logged again (the later line wins).")
     g.add_argument("--report_to", default="all", help="Tracker(s) for --with_tracking: tensorboard, wandb, …, all.")
     g.add_argument("--push_to_hub", action="store_true")
     g.add_argument("--hub_model_id", default=None)
@@ -147,7 +156,7 @@ def _resolve_defaults(args: argparse.Namespace) -> None:
                  "num_train_epochs", "logging_steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1; got {getattr(args, name)}")
-    for name in ("max_train_steps", "eval_steps", "checkpoints_total_limit"):
+    for name in ("max_train_steps", "eval_steps", "checkpoints_total_limit", "max_train_samples", "max_eval_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1; got {getattr(args, name)}")
     if not args.temperature > 0:
@@ -279,12 +288,15 @@ def evaluate(
     ignore_index: int,
     adapter: Callable,
     desc: str = "eval",
-) -> torch.Tensor:
-    """Confusion matrix (C, C) of ``model`` over this process's share of the eval set, summed over processes."""
+) -> tuple[torch.Tensor, int]:
+    """Confusion matrix (C, C) of ``model`` over the eval set and the number of samples skipped as undecodable
+    (``--skip_bad_samples``), both summed over processes (each evaluates its own share)."""
     was_training = model.training
     model.eval()
     cm = torch.zeros(num_labels, num_labels, dtype=torch.long, device=accelerator.device)
+    skipped = 0
     for batch in tqdm(dataloader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
+        skipped += int(batch.pop("num_skipped"))
         if batch["pixel_values"].shape[0] == 0:  # every sample of the batch was skipped
             continue
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
@@ -294,7 +306,10 @@ def evaluate(
             lh, lw = batch["label_sizes"][b].tolist()
             cm += confusion_matrix(pred, batch["labels"][b, :lh, :lw], num_labels, ignore_index)
     model.train(was_training)
-    return accelerator.reduce(cm, reduction="sum")
+    skipped = int(accelerator.reduce(torch.tensor(skipped, device=accelerator.device), reduction="sum"))
+    if skipped:
+        logger.warning(f"{desc}: {skipped} undecodable evaluation samples were skipped")
+    return accelerator.reduce(cm, reduction="sum"), skipped
 
 
 def metrics_from_confusion(cm: torch.Tensor) -> Dict[str, object]:
@@ -337,11 +352,20 @@ def list_checkpoints(output_dir: str) -> List[Path]:
     return sorted(found, key=lambda p: int(_CKPT_RE.match(p.name).group(1)))
 
 
+def check_finite_model(model: torch.nn.Module, what: str) -> None:
+    """Raise FloatingPointError (one line for the user) if ``model`` holds NaN/Inf: such a model is never saved."""
+    # A finite loss can still give a non-finite update (an overflowing gradient, a huge learning rate); with
+    # --skip_nonfinite_steps the run would then skip every later step. The previous checkpoint stays as it is.
+    bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise FloatingPointError(
+            f"refusing to save {what}: the model holds NaN/Inf (first in {bad}); lower --learning_rate or set "
+            "--max_grad_norm, then resume from the last checkpoint")
+
+
 def save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, output_dir: str, state: dict,
                     total_limit: Optional[int]) -> Path:
-    for p in model.parameters():
-        if not torch.isfinite(p).all():
-            raise RuntimeError(f"refusing to checkpoint at step {state['completed_steps']}: the model holds NaN/Inf")
+    check_finite_model(model, f"the checkpoint of step {state['completed_steps']}")
     root = Path(output_dir) / CHECKPOINT_DIR
     final = root / f"step_{state['completed_steps']:08d}"
     tmp = root / f".tmp-{final.name}"
@@ -361,6 +385,7 @@ def save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, output_dir
         _fsync_dir(root)
         if total_limit is not None:
             for old in list_checkpoints(output_dir)[:-total_limit]:
+                (old / STATE_FILE).unlink()  # first: a half-deleted folder is then never taken for a checkpoint
                 shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -496,6 +521,59 @@ def _worker_init(_: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _kill_dataloader_workers() -> None:
+    # For a process that is about to exit. After an error, a DataLoader iterator may still hold its workers:
+    # at exit, multiprocessing stops such daemonic children with SIGTERM, which ours ignore, and then joins
+    # them - forever; and torch's own shutdown, when garbage collection gets to the iterator, waits 5-10 s.
+    if hasattr(signal, "SIGCHLD"):  # torch's handler would report the kills as worker crashes
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join()
+
+
+def _follow_launcher_sigterm() -> None:
+    """Under a single-process ``accelerate launch``, receive SIGTERM when the launcher dies.
+
+    That launcher waits on this process but does not forward SIGTERM to it (torchrun, which Accelerate uses
+    for several processes, does): without this, a SIGTERM sent to the launcher alone would leave this
+    process training on as an orphan instead of saving a checkpoint. Linux only (prctl PR_SET_PDEATHSIG).
+    """
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" in os.environ:
+        return
+    parent = os.getppid()
+    try:
+        parent_argv = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")[:3]
+    except OSError:
+        return
+    if not any(b"accelerate" in arg for arg in parent_argv):  # `accelerate launch`, `-m accelerate.commands.launch`
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) == 0:
+        if os.getppid() != parent:  # the launcher died before prctl took effect
+            _on_sigterm(signal.SIGTERM, None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Before the first step: a few samples of each split, decoded and checked on CPU
+# ---------------------------------------------------------------------------------------------------------
+def preflight(train_hf, eval_hf, info: "data.DataInfo", skip_bad_samples: bool) -> None:
+    """Decode ``PREFLIGHT_SAMPLES`` samples spread over each split, as the pipelines will.
+
+    Problems that affect a whole dataset (label values outside the classes, images and masks of different
+    sizes, undecodable files) then stop the run with one line before any model is loaded. Every other
+    sample gets the same checks when its batch is loaded, still on CPU.
+    """
+    for split in (train_hf, eval_hf):
+        ds = data.build_eval_dataset(split, info, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                                     skip_bad_samples=skip_bad_samples)
+        for index in torch.linspace(0, len(ds) - 1, min(len(ds), PREFLIGHT_SAMPLES)).round().long().unique().tolist():
+            ds[index]  # raises DataError naming the sample (or, with skip_bad_samples, warns)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------------------
@@ -513,6 +591,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     logger.info(accelerator.state, main_process_only=False)
     set_seed(args.seed)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    _follow_launcher_sigterm()
+    atexit.register(_kill_dataloader_workers)  # registered after multiprocessing's atexit handler: runs before it
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
 
@@ -537,6 +617,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         logger.info(note)
     crop_size = args.crop_size or info.crop_size
     data.check_split_sizes(train_hf, eval_hf, args.per_device_train_batch_size, accelerator.num_processes)
+    preflight(train_hf, eval_hf, info, args.skip_bad_samples)
 
     # Load models
     student = models.load_student(args.student_model_name_or_path, info.id2label, trust_remote_code=args.trust_remote_code)
@@ -606,7 +687,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     results: dict = {}
     if args.eval_teacher and teacher is not None:
-        cm = evaluate(accelerator, teacher, eval_dataloader, num_labels, ignore_index, teacher_adapter, "eval teacher")
+        cm, _ = evaluate(accelerator, teacher, eval_dataloader, num_labels, ignore_index, teacher_adapter,
+                         "eval teacher")
         results.update({f"teacher_eval_{k}": v for k, v in metrics_from_confusion(cm).items()})
         logger.info(f"teacher mIoU {results['teacher_eval_mean_iou']}")
 
@@ -614,7 +696,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     completed_steps, start_epoch, resume_batches, skipped_steps, skipped_samples = 0, 0, 0, 0, 0
     resume_from = resolve_resume(args)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        try:
+            accelerator.load_state(str(resume_from))
+        except (pickle.UnpicklingError, RuntimeError, OSError) as err:
+            # Accelerate reads the pickles of a checkpoint with torch.load(weights_only=True): one holding
+            # anything but tensors and plain data is refused, never run. Say that in one line (torch's own
+            # message suggests turning the protection off).
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+            detail = next((line for line in lines if "GLOBAL" in line), lines[0])
+            if isinstance(err, pickle.UnpicklingError):
+                detail = f"a pickle that torch.load(weights_only=True) refuses: {detail}"
+            raise UsageError(f"--resume_from_checkpoint {resume_from}: cannot load it ({detail}); resume from "
+                             "another checkpoint or start afresh") from None
         state = json.loads((resume_from / STATE_FILE).read_text())
         completed_steps, start_epoch = state["completed_steps"], state["epoch"]
         resume_batches = state["batches_in_epoch"]
@@ -629,10 +722,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     logger.info(f"***** {args.distill}: {len(train_ds)} training images, {num_epochs} epochs, {max_train_steps} "
                 f"steps, global batch {total_batch}, {accelerator.num_processes} process(es) *****")
     progress = tqdm(range(max_train_steps), initial=completed_steps, disable=not accelerator.is_local_main_process)
-    running: Dict[str, torch.Tensor] = {}
-    running_count = 0
+    # Logged: the loss and its terms (names fixed by --distill), averaged over the batches since the last log
+    # and over all processes: `running` holds their sums and, last, the number of batches.
+    probe = torch.zeros(1, num_labels, 2, 2)
+    log_keys = ["loss", *step_losses(args, probe, probe, torch.zeros(1, 2, 2, dtype=torch.long), ignore_index, 0.5)[1]]
+    running = torch.zeros(len(log_keys) + 1, device=accelerator.device)
+    pending_skipped = 0  # undecodable samples met since the last optimizer step, on this process
     started = time.time()
     stop_reason = None
+
+    def log_metrics(logs: dict, step: int) -> None:
+        if args.with_tracking:
+            accelerator.log(logs, step=step)
+        if args.log_file and accelerator.is_main_process:
+            with open(args.log_file, "a") as f:  # reopened each time: nothing is lost to a kill but the line
+                f.write(json.dumps({"step": step, **logs}) + "\n")
 
     def training_state(epoch: int, batches_in_epoch: int) -> dict:
         return {"completed_steps": completed_steps, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
@@ -654,7 +758,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         nonfinite_term: Optional[str] = None
         for batch in loader:
             batches_in_epoch += 1
-            skipped_samples += int(batch.pop("num_skipped", torch.zeros(())).sum())
+            pending_skipped += int(batch.pop("num_skipped", torch.zeros(())).sum())
             alpha = alw.alw_alpha(epoch if args.alw_granularity == "epoch" else completed_steps, alw_total)
             with accelerator.accumulate(student):
                 pixel_values, labels = batch["pixel_values"], batch["labels"]
@@ -672,15 +776,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 if nonfinite_term is None and not torch.isfinite(loss):
                     nonfinite_term = next((k for k, v in terms.items() if not torch.isfinite(v)), "loss")
                 accelerator.backward(loss)
-            for k, v in [("loss", loss.detach()), *terms.items()]:
-                running[k] = running.get(k, 0.0) + v
-            running_count += 1
+            if terms:
+                running[:-1] += torch.stack([loss.detach(), *(terms[k] for k in log_keys[1:])]).float()
+                running[-1] += 1
             if not accelerator.sync_gradients:
                 continue
 
             # One small all-reduce per optimizer step so that every process takes the same decision.
-            flags = torch.tensor([float(nonfinite_term is not None), float(_STOP_REQUESTED)], device=accelerator.device)
-            nonfinite, stop = (accelerator.reduce(flags, reduction="sum") > 0).tolist()
+            # It also sums the skipped samples, so that the count in checkpoints and results covers all processes.
+            flags = torch.tensor([float(nonfinite_term is not None), float(_STOP_REQUESTED), float(pending_skipped)],
+                                 device=accelerator.device)
+            nonfinite, stop, newly_skipped = accelerator.reduce(flags, reduction="sum").tolist()
+            skipped_samples, pending_skipped = skipped_samples + int(newly_skipped), 0
             if nonfinite:
                 where = f"step {completed_steps + 1} (epoch {epoch}), term {nonfinite_term or 'on another process'}"
                 if not args.skip_nonfinite_steps:
@@ -704,24 +811,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             progress.update(1)
 
             if completed_steps % args.logging_steps == 0 or completed_steps == max_train_steps:
-                logs = {f"train/{k}": float(v) / running_count for k, v in running.items()}
+                totals = accelerator.reduce(running, reduction="sum").tolist()
+                logs = {f"train/{k}": v / max(totals[-1], 1.0) for k, v in zip(log_keys, totals)}
                 logs.update({"train/lr": optimizer.param_groups[0]["lr"], "train/epoch": epoch})
                 if args.distill == "aicsd":
                     logs["train/alpha"] = alpha
                     progress.set_postfix(loss=f"{logs['train/loss']:.4f}", alpha=f"{alpha:.3f}")
                 else:
                     progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
-                if args.with_tracking:
-                    accelerator.log(logs, step=completed_steps)
-                running, running_count = {}, 0
+                log_metrics(logs, completed_steps)
+                running.zero_()
             if args.eval_steps and completed_steps % args.eval_steps == 0 and completed_steps < max_train_steps:
-                cm = evaluate(accelerator, accelerator.unwrap_model(student), eval_dataloader, num_labels,
-                              ignore_index, student_adapter)
+                cm, _ = evaluate(accelerator, accelerator.unwrap_model(student), eval_dataloader, num_labels,
+                                 ignore_index, student_adapter)
                 m = metrics_from_confusion(cm)
                 logger.info(f"step {completed_steps}: mIoU {m['mean_iou']}, pixel acc {m['overall_accuracy']}")
-                if args.with_tracking:
-                    accelerator.log({f"eval/{k}": v for k, v in m.items() if not k.startswith("per_")},
-                                    step=completed_steps)
+                log_metrics({f"eval/{k}": v for k, v in m.items() if not k.startswith("per_")}, completed_steps)
                 student.train()
             if stop:
                 stop_reason = "SIGTERM"
@@ -738,21 +843,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                        f"--resume_from_checkpoint latest")
         accelerator.end_training()
         return {"stopped": stop_reason, "train_steps": completed_steps}
+    check_finite_model(student, "the final model")
 
     # Evaluate
-    cm = evaluate(accelerator, accelerator.unwrap_model(student), eval_dataloader, num_labels, ignore_index,
-                  student_adapter)
+    cm, eval_skipped = evaluate(accelerator, accelerator.unwrap_model(student), eval_dataloader, num_labels,
+                                ignore_index, student_adapter)
     results.update({f"eval_{k}": v for k, v in metrics_from_confusion(cm).items()})
     results.update(train_steps=completed_steps, train_runtime_s=round(time.time() - started, 2),
-                   skipped_steps=skipped_steps, skipped_samples=skipped_samples,
+                   skipped_steps=skipped_steps, skipped_samples=skipped_samples, eval_skipped_samples=eval_skipped,
                    num_processes=accelerator.num_processes, distill=args.distill)
     logger.info(f"final mIoU {results['eval_mean_iou']}, mean acc {results['eval_mean_accuracy']}, "
                 f"pixel acc {results['eval_overall_accuracy']}")
     if skipped_samples:
         logger.warning(f"{skipped_samples} undecodable training samples were skipped")
-    if args.with_tracking:
-        accelerator.log({f"eval/{k}": v for k, v in results.items()
-                         if k.startswith("eval_") and isinstance(v, float)}, step=completed_steps)
+    log_metrics({f"eval/{k[5:]}": v for k, v in results.items() if k.startswith("eval_") and isinstance(v, float)},
+                completed_steps)
 
     # Save
     accelerator.wait_for_everyone()
@@ -782,10 +887,15 @@ def _one_line(error: BaseException) -> str:
 def cli() -> int:
     try:
         main()
+        return 0
     except (UsageError, data.DataError, models.ModelSourceError, models.ClassMismatchError, FloatingPointError) as e:
-        print(f"train_icsd.py: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    return 0
+        message = _one_line(e)
+    # Printed once the failed run's workers are stopped and its frames released: its progress bar closes (and
+    # redraws itself) first, so the error stays the last line the user sees.
+    _kill_dataloader_workers()
+    gc.collect()
+    print(f"train_icsd.py: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,674 @@
+"""Reliability of train_icsd.py, end to end (issue 5): bad input, numerics, interruption, several processes,
+security. Every case runs the real script, as a subprocess, on CPU, offline.
+
+One-line errors run `python train_icsd.py` (what `accelerate launch` runs in each process); cases where
+processes or the launcher matter run `accelerate launch`. Datasets are tiny parquet folders written here,
+read by `datasets.load_dataset(folder)` as a Hub repo would be. Covered elsewhere, not repeated here:
+an unknown --dataset preset and the launcher relaying the error line (test_train.py::
+test_bad_flags_fail_with_one_line), identical eval metrics for 1 and 2 processes and resume from a copied
+checkpoint (test_train.py), decoding and column detection at the data.py level (test_data.py).
+
+The random moment of the kill -9 / SIGTERM tests comes from RELIABILITY_SEED (default: the clock); a failure
+prints the seed, so `RELIABILITY_SEED=... pytest tests/test_reliability.py` replays it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+import models  # noqa: E402
+import train_icsd  # noqa: E402
+
+TINY = "config:segformer-tiny"
+SEED = int(os.environ.get("RELIABILITY_SEED", time.time_ns() % 1_000_000))
+FAKE_TOKEN = "hf_" + "ReliabilityTestFakeToken0123456789"
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+ENV.pop("HF_TOKEN", None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running the script
+# ---------------------------------------------------------------------------------------------------------
+def script_cmd(args) -> list:
+    return [sys.executable, str(ROOT / "train_icsd.py"), *map(str, args)]
+
+
+def launcher_cmd(args, nproc: int = 1) -> list:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no"]
+    if nproc > 1:
+        # `--cpu --num_processes 2` silently starts one process; --multi_gpu with ACCELERATE_USE_CPU starts two.
+        cmd += ["--multi_gpu", "--num_processes", str(nproc), "--main_process_port", str(29500 + os.getpid() % 500)]
+    else:
+        cmd += ["--num_processes", "1"]
+    return cmd + [str(ROOT / "train_icsd.py"), *map(str, args)]
+
+
+def run(cmd, timeout: int = 120, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def run_ok(cmd, timeout: int = 180, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    proc = run(cmd, timeout, env)
+    assert proc.returncode == 0, f"train_icsd.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def start(cmd, log: Path, env: Optional[dict] = None) -> subprocess.Popen:
+    """Start in a new session (process group = its pid), output to ``log``, as a batch job would."""
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env or ENV, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def wait_for(condition: Callable[[], bool], proc: Optional[subprocess.Popen], what: str, timeout: float = 90):
+    deadline = time.time() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the run ended ({proc.returncode}) before {what}")
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit status 2, no traceback, and a last stderr line `train_icsd.py: error: ...` holding ``fragments``."""
+    last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+    assert proc.returncode == 2, f"exit {proc.returncode}:\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert last.startswith("train_icsd.py: error: "), last
+    for fragment in fragments:
+        assert fragment in last, f"{fragment!r} not in {last!r}"
+    return last
+
+
+def base_args(out: Path, distill: str = "none", steps: int = 2, **extra) -> list:
+    """Tiny synthetic run; ``extra`` adds flags (True for a bare flag, None to drop a default one)."""
+    flags = {"dataset": "synthetic", "student_model_name_or_path": TINY, "distill": distill, "max_train_steps": steps,
+             "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2, "crop_size": 32,
+             "max_train_samples": 8, "max_eval_samples": 2, "learning_rate": 1e-3, "dataloader_num_workers": 0,
+             "logging_steps": 1, "output_dir": out}
+    if distill != "none":
+        flags["teacher_model_name_or_path"] = TINY
+    flags.update(extra)
+    args = []
+    for k, v in flags.items():
+        if v is not None:
+            args += [f"--{k}"] + ([] if v is True else [v])
+    return args
+
+
+def local_args(folder: Path, out: Path, steps: int = 2, **extra) -> list:
+    return base_args(out, steps=steps, dataset=None, dataset_name=folder, max_train_samples=None,
+                     max_eval_samples=None, **extra)
+
+
+def results(out: Path) -> dict:
+    return json.loads((out / "all_results.json").read_text())
+
+
+def logged(out: Path) -> list:
+    """The --log_file lines of a run (train and eval), in order; a line cut short by a kill is left out."""
+    path = out / "log.jsonl"
+    lines = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return lines
+
+
+def last_step(out: Path) -> int:
+    return max((line["step"] for line in logged(out) if "train/loss" in line), default=0)
+
+
+def checkpoint_names(out: Path) -> list:
+    return [p.name for p in train_icsd.list_checkpoints(str(out))]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def all_finite(path: Path) -> bool:
+    return all(torch.isfinite(v).all() for v in load_file(str(path / "model.safetensors")).values())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiny local datasets and model folders
+# ---------------------------------------------------------------------------------------------------------
+CLASSES = [f"class_{i}" for i in range(11)]
+
+
+def png(array: np.ndarray, mode: Optional[str] = None, **save) -> bytes:
+    buf = io.BytesIO()
+    image = Image.fromarray(array) if mode is None else Image.fromarray(array).convert(mode)
+    image.save(buf, format="PNG", **save)
+    return buf.getvalue()
+
+
+def sample(rng: np.random.Generator, name: str, *, h: int = 40, w: int = 48, label_value: Optional[int] = None,
+           image_mode: Optional[str] = None, label_hw: Optional[tuple] = None) -> dict:
+    image = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    lh, lw = label_hw or (h, w)
+    label = rng.integers(0, len(CLASSES), size=(lh, lw)).astype(np.uint8)
+    if label_value is not None:
+        label[: lh // 2, : lw // 2] = label_value
+    return {"image": {"bytes": png(image, image_mode), "path": f"{name}.png"},
+            "label": {"bytes": png(label), "path": f"{name}_mask.png"}}
+
+
+def write_dataset(folder: Path, splits: dict, features: Optional[dict] = None, classes=CLASSES) -> Path:
+    """``splits``: name -> list of row dicts. Writes data/<split>-00000-of-00001.parquet and id2label.json."""
+    features = datasets.Features(features or {"image": datasets.Image(), "label": datasets.Image()})
+    for split, rows in splits.items():
+        columns = {name: [row[name] for row in rows] for name in features}
+        datasets.Dataset.from_dict(columns, features=features).to_parquet(
+            str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+    (folder / "id2label.json").write_text(json.dumps({str(i): n for i, n in enumerate(classes)}))
+    return folder
+
+
+def plain_rows(n_train: int = 6, n_eval: int = 2, seed: int = 0, **row_overrides) -> dict:
+    """Rows of a train and a validation split; ``row_overrides``: {"train_3": {sample kwargs}} for single rows."""
+    rng = np.random.default_rng(seed)
+    return {split: [sample(rng, f"{split}_{i:03d}", **row_overrides.get(f"{split}_{i}", {})) for i in range(n)]
+            for split, n in (("train", n_train), ("validation", n_eval))}
+
+
+def plain_dataset(folder: Path, **kwargs) -> Path:
+    return write_dataset(folder, plain_rows(**kwargs))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict:
+    """Every local dataset and model folder the tests use, written once."""
+    root = tmp_path_factory.mktemp("inputs")
+    f = {}
+    f["plain"] = plain_dataset(root / "plain")
+    f["label37"] = plain_dataset(root / "label37", **{"train_3": {"label_value": 37}})
+    f["label37_eval"] = plain_dataset(root / "label37_eval", **{"validation_1": {"label_value": 37}})
+    f["size_mismatch"] = plain_dataset(root / "size_mismatch", **{"train_2": {"label_hw": (40, 40)}})
+    # 20 rows: the pre-flight check decodes 8 of them (0, 3, 5, 8, 11, 14, 16, 19); row 13 is met in training.
+    f["label37_late"] = plain_dataset(root / "label37_late", n_train=20, **{"train_13": {"label_value": 37}})
+    rows = plain_rows(seed=1)  # every mask all 255: no valid pixel anywhere
+    for row in rows["train"] + rows["validation"]:
+        row["label"]["bytes"] = png(np.full((40, 48), 255, np.uint8))
+    f["all_ignore"] = write_dataset(root / "all_ignore", rows)
+    rows = plain_rows(seed=2, n_eval=3)  # one training and one evaluation image file broken
+    rows["train"][4]["image"] = {"bytes": b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "path": "frame_004.png"}
+    rows["validation"][1]["image"] = {"bytes": b"not an image at all", "path": "val_frame_001.png"}
+    f["corrupt"] = write_dataset(root / "corrupt", rows)
+
+    # Every image kind users bring: grayscale, grayscale+alpha, RGBA, palette (with and without transparency),
+    # 16-bit grayscale; masks as 8-bit, palette and 16-bit PNGs.
+    rng = np.random.default_rng(2)
+    modes = [("L", None), ("LA", None), ("RGBA", None), ("P", None), ("P", "transparency"), ("I;16", None)]
+    train = []
+    for i, (mode, extra) in enumerate(modes):
+        rgb = rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
+        if mode == "I;16":
+            image = png(rng.integers(0, 65536, size=(40, 48), dtype=np.uint16))
+        elif extra == "transparency":
+            image = png(rgb, "P", transparency=0)
+        else:
+            image = png(rgb, mode)
+        mask = rng.integers(0, len(CLASSES), size=(40, 48)).astype(np.uint8)
+        mask_bytes = [png(mask), png(mask, "P"), png(mask.astype(np.uint16))][i % 3]
+        train.append({"image": {"bytes": image, "path": f"{mode}_{i}.png"},
+                      "label": {"bytes": mask_bytes, "path": f"{mode}_{i}_mask.png"}})
+    f["image_modes"] = write_dataset(root / "image_modes", {"train": train, "validation": [train[1], train[5]]})
+
+    no_label = [{"image": {"bytes": png(np.zeros((8, 8, 3), np.uint8)), "path": f"{i}.png"}, "caption": "x"}
+                for i in range(4)]
+    f["no_label"] = write_dataset(root / "no_label", {"train": no_label},
+                                  features={"image": datasets.Image(), "caption": datasets.Value("string")})
+    f["empty_eval"] = write_dataset(root / "empty_eval", {"train": [sample(rng, f"t{i}") for i in range(4)],
+                                                          "validation": []})
+
+    synthetic = data.DATASET_PRESETS["synthetic"].id2label
+    processor = models.load_image_processor(TINY)
+    for name, id2label in (("teacher_5", {i: f"c{i}" for i in range(5)}), ("nan_model", synthetic),
+                           ("remote_code", synthetic)):
+        folder = root / name
+        models.load_student(TINY, id2label).save_pretrained(folder)
+        processor.save_pretrained(folder)
+    # A model whose weights went NaN (a diverged run saved by another tool): every float tensor NaN.
+    weights = load_file(str(root / "nan_model" / "model.safetensors"))
+    save_file({k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in weights.items()},
+              str(root / "nan_model" / "model.safetensors"), metadata={"format": "pt"})
+    # A model folder that ships custom code: loading it with trust_remote_code would run evil.py.
+    marker = root / "remote_code" / "REMOTE_CODE_RAN"
+    (root / "remote_code" / "evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+        "from transformers import SegformerConfig as EvilConfig, SegformerForSemanticSegmentation as EvilModel\n")
+    config = json.loads((root / "remote_code" / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForSemanticSegmentation": "evil.EvilModel"}
+    (root / "remote_code" / "config.json").write_text(json.dumps(config))
+    f["remote_code_marker"] = marker
+    f.update({name: root / name for name in ("teacher_5", "nan_model", "remote_code")})
+    return f
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input: one clear line, exit 2, before the first step (nothing written)
+# ---------------------------------------------------------------------------------------------------------
+BAD_INPUT = {
+    # id: (args builder (folders, out) -> list, fragments the error line must hold)
+    "missing_dataset_folder": (lambda f, out: local_args(out.parent / "no_such_folder", out),
+                               ["does not exist", "no_such_folder"]),
+    "unknown_hub_dataset": (lambda f, out: local_args("someone/no-such-dataset", out),
+                            ["'someone/no-such-dataset'", "could not be fetched from the Hub"]),
+    "unknown_model_preset": (lambda f, out: base_args(out, student_model_name_or_path="config:segformer-b99"),
+                             ["unknown model preset 'config:segformer-b99'", "config:segformer-tiny"]),
+    "unknown_model_id": (lambda f, out: base_args(out, student_model_name_or_path="someone/no-such-model"),
+                         ["'someone/no-such-model'", "could not be fetched from the Hub"]),
+    "unknown_image_column": (lambda f, out: local_args(f["plain"], out, image_column="pixels"),
+                             ["image column 'pixels' not found", "['image', 'label']"]),
+    "no_label_column": (lambda f, out: local_args(f["no_label"], out),
+                        ["no label column", "['image', 'caption']", "--label_column"]),
+    "label_out_of_range": (lambda f, out: local_args(f["label37"], out),
+                           ["train row 3", "train_003_mask.png", "label values [37]", "outside 0..10",
+                            "--ignore_index", "--do_reduce_labels", "--id2label"]),
+    "image_label_size_mismatch": (lambda f, out: local_args(f["size_mismatch"], out),
+                                  ["train row 2", "train_002.png", "image is 48x40 but its label is 40x40"]),
+    "teacher_classes_differ": (lambda f, out: base_args(out, "kd", teacher_model_name_or_path=f["teacher_5"]),
+                                ["teacher classes ['c0', 'c1', 'c2', 'c3', 'c4'] differ", "'sky'"]),
+    "empty_eval_split": (lambda f, out: local_args(f["empty_eval"], out), ["has an empty split", "validation"]),
+    "zero_eval_samples": (lambda f, out: base_args(out, max_eval_samples=0), ["--max_eval_samples must be >= 1"]),
+    "too_few_for_a_batch": (lambda f, out: base_args(out, max_train_samples=3, per_device_train_batch_size=4),
+                            ["3 samples, fewer than one batch", "4 per device"]),
+    "corrupt_image": (lambda f, out: local_args(f["corrupt"], out),
+                      ["train row 4", "frame_004.png", "cannot decode image"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_fails_with_one_line_before_training(folders, tmp_path, case):
+    build, fragments = BAD_INPUT[case]
+    out = tmp_path / "out"
+    started = time.time()
+    proc = run(script_cmd(build(folders, out)), timeout=90)
+    assert_one_line_error(proc, *fragments)
+    assert time.time() - started < 60  # fails fast: no retries against an unreachable Hub
+    # Before the first step: training never started, and nothing was written but the empty output folder.
+    assert "*****" not in proc.stderr
+    assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
+
+
+def test_bad_label_met_late_in_a_worker_stops_with_one_line(folders, tmp_path):
+    # Row 13 escapes the pre-flight sample; its batch is checked on CPU inside a DataLoader worker. The
+    # process must then exit (workers ignore SIGTERM, which once made the exit hang forever).
+    out = tmp_path / "out"
+    proc = run(script_cmd(local_args(folders["label37_late"], out, steps=10, dataloader_num_workers=1,
+                                     checkpointing_steps=1)), timeout=90)
+    assert_one_line_error(proc, "train row 13", "label values [37]", "--ignore_index")
+    assert "*****" in proc.stderr  # it did start training: this sample was only met in a batch
+    assert not (out / "model.safetensors").exists()
+
+
+def test_every_sample_is_checked_on_cpu_when_decoded_evaluation_included(folders):
+    # The path of every row outside the pre-flight sample, in the DataLoader workers: label values are checked
+    # per sample (naming it) before any batch exists, for evaluation as for training; skipping does not hide it.
+    _, evaluation, info = data.load_splits(dataset_name=str(folders["label37_eval"]))
+    for skip in (False, True):
+        ds = data.build_eval_dataset(evaluation, info, mean=(0.0,) * 3, std=(1.0,) * 3, skip_bad_samples=skip)
+        ds[0]
+        with pytest.raises(data.LabelValueError, match=r"validation row 1 .*validation_001_mask\.png.*\[37\]"):
+            ds[1]
+    train, _, info = data.load_splits(dataset_name=str(folders["label37"]))
+    ds = data.build_train_dataset(train, info, crop_size=(32, 32), mean=(0.0,) * 3, std=(1.0,) * 3, seed=0)
+    with pytest.raises(data.LabelValueError, match=r"train row 3 .*\[37\]"):
+        ds[3]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Images of every kind, and corrupt files skipped on request
+# ---------------------------------------------------------------------------------------------------------
+def test_grayscale_rgba_palette_and_16bit_images_train_end_to_end(folders, tmp_path):
+    out = tmp_path / "out"
+    run_ok(script_cmd(local_args(folders["image_modes"], out, steps=3)))  # 6 images, batch 2: all of them
+    res = results(out)
+    assert res["train_steps"] == 3 and res["skipped_samples"] == 0 and res["eval_skipped_samples"] == 0
+    assert all_finite(out)
+
+
+def test_skip_bad_samples_counts_and_reports_them(folders, tmp_path):
+    out = tmp_path / "out"
+    proc = run_ok(script_cmd(local_args(folders["corrupt"], out, steps=3, skip_bad_samples=True)))
+    res = results(out)
+    # One epoch (3 steps x 2 of 6 rows) meets the corrupt training image once; evaluation meets its own once.
+    assert res["train_steps"] == 3 and res["skipped_samples"] == 1 and res["eval_skipped_samples"] == 1
+    assert "1 undecodable training samples were skipped" in proc.stderr
+    assert "1 undecodable evaluation samples were skipped" in proc.stderr
+    assert "frame_004.png" in proc.stderr and "val_frame_001.png" in proc.stderr  # each skip names its file
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Numerics
+# ---------------------------------------------------------------------------------------------------------
+def test_nan_loss_stops_naming_step_and_term(folders, tmp_path):
+    # A teacher whose weights are NaN makes the KD term NaN at the first step.
+    out = tmp_path / "out"
+    proc = run(script_cmd(base_args(out, "kd", steps=4, teacher_model_name_or_path=folders["nan_model"],
+                                    checkpointing_steps=1)))
+    assert_one_line_error(proc, "non-finite loss at step 1 (epoch 0), term kd", "--skip_nonfinite_steps")
+    assert checkpoint_names(out) == [] and not (out / "model.safetensors").exists()
+
+
+def test_skip_nonfinite_steps_finishes_with_a_count(folders, tmp_path):
+    out = tmp_path / "out"
+    proc = run_ok(script_cmd(base_args(out, "kd", steps=3, teacher_model_name_or_path=folders["nan_model"],
+                                       skip_nonfinite_steps=True, checkpointing_steps=3)))
+    assert results(out)["skipped_steps"] == 3
+    assert "skipping the update of step 1 (epoch 0), term kd" in proc.stderr
+    assert all_finite(out) and all_finite(out / "checkpoints" / "step_00000003")
+
+
+def test_a_nan_model_is_never_saved(folders, tmp_path):
+    # A student that starts NaN: every step is skipped (counted), and the checkpoint is refused, not written.
+    out = tmp_path / "out"
+    proc = run(script_cmd(base_args(out, steps=3, student_model_name_or_path=folders["nan_model"],
+                                    skip_nonfinite_steps=True, checkpointing_steps=1)))
+    assert_one_line_error(proc, "refusing to save the checkpoint of step 1", "NaN/Inf")
+    assert "skipping the update of step 1" in proc.stderr
+    assert not list(out.glob("checkpoints/*")) and not (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("distill", train_icsd.DISTILL_MODES)
+def test_all_ignore_batch_gives_zero_terms_not_nan(distill):
+    torch.manual_seed(0)
+    args = train_icsd.parse_args(["--dataset", "synthetic", "--distill", distill, "--teacher_model_name_or_path", TINY])
+    s_logits, t_logits = torch.randn(2, 9, 8, 8, requires_grad=True), torch.randn(2, 9, 8, 8)
+    labels = torch.full((2, 32, 32), 255)
+    loss, terms = train_icsd.step_losses(args, s_logits, t_logits, labels, 255, alpha=0.5)
+    assert loss.item() == 0.0 and all(v.item() == 0.0 for v in terms.values()), terms
+    loss.backward()
+    assert torch.isfinite(s_logits.grad).all()
+    assert train_icsd.cross_entropy(s_logits, labels, 255).item() == 0.0
+
+
+def test_transformers_own_loss_is_nan_on_an_all_ignore_batch():
+    # Why the script computes CE itself: the model's built-in loss divides by zero valid pixels.
+    model = models.load_student(TINY, data.DATASET_PRESETS["synthetic"].id2label)
+    out = model(pixel_values=torch.randn(1, 3, 32, 32), labels=torch.full((1, 32, 32), 255))
+    assert torch.isnan(out.loss)
+
+
+def test_all_ignore_dataset_trains_with_zero_losses(folders, tmp_path):
+    out = tmp_path / "out"
+    run_ok(script_cmd(local_args(folders["all_ignore"], out, steps=3, distill="aicsd", alw_granularity="step",
+                                 teacher_model_name_or_path=TINY, log_file=tmp_path / "out" / "log.jsonl")))
+    train_logs = [line for line in logged(out) if "train/loss" in line]
+    assert len(train_logs) == 3
+    for line in train_logs:
+        terms = {k: v for k, v in line.items() if k.startswith("train/") and k not in ("train/lr", "train/epoch",
+                                                                                       "train/alpha")}
+        assert set(terms) >= {"train/loss", "train/ce", "train/ics", "train/kd", "train/raw_kd"}
+        assert all(v == 0.0 for v in terms.values()), line
+    assert results(out)["eval_mean_iou"] is None and all_finite(out)  # no valid pixel: no IoU, not NaN
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Interruption: kill -9, SIGTERM, half-written checkpoints
+# ---------------------------------------------------------------------------------------------------------
+INTERVAL, STEPS = 2, 24
+
+
+def interrupt_args(out: Path, **extra) -> list:
+    # aicsd with a per-step ALW schedule, 4 batches per epoch: a resume lands mid-epoch and mid-schedule.
+    return base_args(out, "aicsd", steps=STEPS, alw_granularity="step", checkpointing_steps=INTERVAL,
+                     checkpoints_total_limit=2, log_file=out / "log.jsonl", **extra)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The run never interrupted, every interrupted run's reference."""
+    out = tmp_path_factory.mktemp("straight") / "out"
+    run_ok(script_cmd(interrupt_args(out)))
+    return out
+
+
+def _resumed_at(stderr: str) -> int:
+    found = re.search(r"resumed from \S+: step (\d+)", stderr)
+    assert found, stderr[-3000:]
+    return int(found.group(1))
+
+
+def test_straight_run_rotates_checkpoints(straight):
+    assert checkpoint_names(straight) == [f"step_{STEPS - INTERVAL:08d}", f"step_{STEPS:08d}"]
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == checkpoint_names(straight)  # no .tmp
+
+
+def interrupt_at_random(proc: subprocess.Popen, out: Path, rng: random.Random, sig: int) -> None:
+    """Send ``sig`` to the process group at a random moment after the first checkpoint: once a random step
+    has been logged, plus a random fraction of a step (which may fall inside a checkpoint write)."""
+    target = rng.randint(INTERVAL, STEPS - 6)
+    try:
+        wait_for(lambda: last_step(out) >= target and checkpoint_names(out) != [], proc, f"step {target}")
+        time.sleep(rng.uniform(0.0, 0.05))
+        assert proc.poll() is None, f"the run finished before the signal (seed {SEED})"
+        os.killpg(proc.pid, sig)
+    except BaseException:
+        if group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+def test_kill_9_at_a_random_moment_then_resume_is_bit_identical(straight, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = start(script_cmd(interrupt_args(out)), tmp_path / "killed.log")
+    interrupt_at_random(proc, out, random.Random(SEED), signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    done = last_step(out)  # the last step logged before the kill
+    proc = run_ok(script_cmd(interrupt_args(out, resume_from_checkpoint="latest")))
+    resumed_at = _resumed_at(proc.stderr)
+    assert INTERVAL <= resumed_at and done - resumed_at <= INTERVAL, (done, resumed_at, SEED)  # <= 1 interval lost
+    assert same_weights(out, straight), f"resumed weights differ from the straight run's (seed {SEED})"
+    assert results(out)["train_steps"] == STEPS
+
+
+def test_half_written_checkpoints_are_never_resumed_from(straight, tmp_path):
+    out = tmp_path / "out"
+    ckpts = out / "checkpoints"
+    good = f"step_{STEPS - INTERVAL:08d}"
+    shutil.copytree(straight / "checkpoints" / good, ckpts / good)
+    # What a kill during a save leaves: the temporary folder, written up to some file...
+    shutil.copytree(straight / "checkpoints" / good, ckpts / f".tmp-step_{STEPS:08d}")
+    (ckpts / f".tmp-step_{STEPS:08d}" / "model.safetensors").write_bytes(b"truncated")
+    # ...and a folder with a checkpoint's name whose state file was never written (e.g. an interrupted copy).
+    shutil.copytree(straight / "checkpoints" / good, ckpts / "step_00000099")
+    (ckpts / "step_00000099" / train_icsd.STATE_FILE).unlink()
+    (ckpts / "step_00000099" / "model.safetensors").write_bytes(b"garbage")
+    proc = run_ok(script_cmd(interrupt_args(out, resume_from_checkpoint="latest")))
+    assert _resumed_at(proc.stderr) == STEPS - INTERVAL and f"checkpoints/{good}" in proc.stderr
+    assert same_weights(out, straight)
+    # The next save cleared the temporary folder; the nameless one stays ignored; the limit kept the newest 2.
+    assert sorted(p.name for p in ckpts.iterdir()) == [good, f"step_{STEPS:08d}", "step_00000099"]
+
+
+def test_sigterm_saves_a_checkpoint_exits_0_and_resumes_identically(straight, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    # To the whole process group, as a cluster does; a DataLoader worker must not die of it before the save.
+    proc = start(script_cmd(interrupt_args(out, dataloader_num_workers=1)), tmp_path / "term.log")
+    interrupt_at_random(proc, out, random.Random(SEED + 1), signal.SIGTERM)
+    try:
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = (tmp_path / "term.log").read_text()
+    stopped = re.search(r"SIGTERM: checkpoint saved at step (\d+); resume with --resume_from_checkpoint latest", log)
+    assert stopped and "Traceback" not in log, log[-3000:]
+    step = int(stopped.group(1))
+    assert checkpoint_names(out)[-1] == f"step_{step:08d}" and step < STEPS
+    assert not (out / "all_results.json").exists()  # stopped, not finished
+    proc = run_ok(script_cmd(interrupt_args(out, resume_from_checkpoint="latest")))
+    assert _resumed_at(proc.stderr) == step  # no work lost at all
+    assert same_weights(out, straight), f"seed {SEED}"
+
+
+def test_sigterm_to_the_single_process_accelerate_launcher(tmp_path):
+    # `accelerate launch` with one process does not forward SIGTERM to the script; the script asks Linux for
+    # SIGTERM when the launcher dies (PR_SET_PDEATHSIG), so it still checkpoints and exits. The launcher's own
+    # status is that of a process killed by SIGTERM.
+    out = tmp_path / "out"
+    out.mkdir()
+    log = tmp_path / "launch.log"
+    env = dict(ENV, ACCELERATE_USE_CPU="1")
+    proc = start(launcher_cmd(base_args(out, steps=100_000, max_train_samples=64)), log, env)
+    try:
+        wait_for(lambda: "*****" in log.read_text(), proc, "training to start")
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)  # the launcher alone
+        assert proc.wait(timeout=30) == -signal.SIGTERM
+        wait_for(lambda: not group_alive(proc.pid), None, "the orphaned training process to exit", timeout=60)
+    finally:
+        if group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert re.search(r"SIGTERM: checkpoint saved at step \d+", text), text[-3000:]
+    assert len(checkpoint_names(out)) == 1
+
+
+def test_sigterm_to_the_multi_process_accelerate_launcher(tmp_path):
+    # With several processes Accelerate runs torchrun's agent, which forwards SIGTERM to every process: they
+    # agree on the step (the per-step all-reduce), save one checkpoint together and exit 0. The launcher
+    # itself then exits non-zero with torch's SignalException traceback: its behaviour, not the script's.
+    out = tmp_path / "out"
+    out.mkdir()
+    log = tmp_path / "launch.log"
+    proc = start(launcher_cmd(base_args(out, steps=100_000, max_train_samples=64), nproc=2), log,
+                 dict(ENV, ACCELERATE_USE_CPU="1"))
+    try:
+        wait_for(lambda: "*****" in log.read_text(), proc, "training to start", timeout=120)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) != 0
+        wait_for(lambda: not group_alive(proc.pid), None, "the training processes to exit", timeout=60)
+    finally:
+        if group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert len(re.findall(r"SIGTERM: checkpoint saved at step \d+", text)) == 1, text[-3000:]
+    assert len(checkpoint_names(out)) == 1
+    assert 'train_icsd.py", line' not in text  # the only traceback is the launcher's
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Several processes
+# ---------------------------------------------------------------------------------------------------------
+def test_two_processes_follow_the_single_process_loss_curve(tmp_path):
+    """2 processes x batch 2 against 1 process x batch 4: same samples per step, same schedule.
+
+    Not bit-identical: the decode head's BatchNorm normalises over each process's 2 images instead of all 4
+    (no SyncBatchNorm), so step 1, with identical weights and images, already differs (measured 0.3%); AdamW
+    then turns small gradient differences into update differences, and the curves drift apart slowly
+    (measured at most 2.9% over 10 steps at lr 1e-3). Tolerance: 1% at step 1, 6% at every step, 2% on average.
+    """
+    curves = {}
+    for nproc, batch in ((1, 4), (2, 2)):
+        out = tmp_path / f"n{nproc}"
+        args = base_args(out, steps=10, per_device_train_batch_size=batch, max_train_samples=32,
+                         log_file=out / "log.jsonl")
+        run_ok(launcher_cmd(args, nproc) if nproc > 1 else script_cmd(args), env=dict(ENV, ACCELERATE_USE_CPU="1"),
+               timeout=240)
+        assert results(out)["num_processes"] == nproc
+        curves[nproc] = [line for line in logged(out) if "train/loss" in line]
+    one, two = curves[1], curves[2]
+    assert [line["step"] for line in one] == [line["step"] for line in two] == list(range(1, 11))
+    # The same schedule, and the same epochs: the two processes share each global batch, neither repeats it.
+    assert [(line["train/lr"], line["train/epoch"]) for line in one] == [
+        (line["train/lr"], line["train/epoch"]) for line in two]
+    rel = [abs(a["train/loss"] - b["train/loss"]) / abs(a["train/loss"]) for a, b in zip(one, two)]
+    assert rel[0] <= 0.01 and max(rel) <= 0.06 and sum(rel) / len(rel) <= 0.02, rel
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Security
+# ---------------------------------------------------------------------------------------------------------
+def test_no_pickle_is_loaded_without_weights_only():
+    offenders = []
+    for path in sorted([*ROOT.glob("*.py"), *ROOT.glob("tests/*.py")]):
+        if path.name == Path(__file__).name:
+            continue
+        text = path.read_text()
+        for match in re.finditer(r"torch\.load\(", text):
+            depth, end = 1, match.end()
+            while depth and end < len(text):  # the call's arguments, up to its closing parenthesis
+                depth += {"(": 1, ")": -1}.get(text[end], 0)
+                end += 1
+            if "weights_only=True" not in text[match.end():end]:
+                offenders.append(f"{path.name}: {text[match.start():end]}")
+        offenders += [f"{path.name}: {m.group(0)}" for m in re.finditer(r"\b(c?pickle|dill|joblib)\.loads?\(", text)]
+    assert not offenders, offenders
+
+
+def test_run_uses_safetensors_no_remote_code_and_never_shows_the_token(folders, tmp_path):
+    assert train_icsd.parse_args(["--dataset", "synthetic"]).trust_remote_code is False
+    out = tmp_path / "out"
+    env = dict(ENV, HF_TOKEN=FAKE_TOKEN)
+    proc = run_ok(script_cmd(base_args(out, "kd", teacher_model_name_or_path=folders["remote_code"],
+                                       checkpointing_steps=2, log_file=out / "log.jsonl")), env=env)
+    # The teacher folder's custom code (config.json auto_map -> evil.py) was not run without --trust_remote_code.
+    assert not folders["remote_code_marker"].exists()
+    # Weights in safetensors only: the export and the checkpoint's model.
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin")) and not list(out.glob("*.pt*"))
+    assert (out / "checkpoints" / "step_00000002" / "model.safetensors").is_file()
+    # The token is nowhere: output, model card, results, logs, config.
+    written = [p for p in out.iterdir() if p.suffix in (".md", ".json", ".jsonl", ".txt")]
+    assert {"README.md", "all_results.json", "log.jsonl"} <= {p.name for p in written}
+    for where, text in [("stdout", proc.stdout), ("stderr", proc.stderr), *[(p.name, p.read_text()) for p in written]]:
+        assert FAKE_TOKEN not in text, where
+
+
+def test_resume_refuses_a_checkpoint_whose_pickle_would_run_code(straight, tmp_path):
+    out = tmp_path / "out"
+    name = f"step_{STEPS:08d}"
+    shutil.copytree(straight / "checkpoints" / name, out / "checkpoints" / name)
+    marker = tmp_path / "PICKLE_CODE_RAN"
+
+    class Payload:  # unpickling it would call os.system
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"state": {0: Payload()}, "param_groups": []}, out / "checkpoints" / name / "optimizer.bin")
+    proc = run(script_cmd(interrupt_args(out, resume_from_checkpoint="latest")))
+    assert_one_line_error(proc, f"--resume_from_checkpoint {out / 'checkpoints' / name}", "weights_only=True",
+                          "posix.system")
+    assert not marker.exists()

@@ -161,10 +161,11 @@ def row_normalize(matrix: Tensor) -> Tensor:
 
 
 def _ics_from_flat(x: Tensor, mask: Optional[Tensor], temperature: float) -> Tensor:
-    p, log_p = _spatial_log_softmax(x / temperature, mask)
-    neg_entropy = (p * log_p).sum(dim=-1)  # (B, C): sum_n P_i log P_i
+    p, log_p = _spatial_log_softmax(x if temperature == 1 else x / temperature, mask)
     cross = _pair_sums(p, log_p)  # (B, C, C): sum_n P_i log P_j
-    kl = neg_entropy[:, :, None] - cross
+    # The diagonal sum_n P_i log P_i is the negative entropy: KL(P_i || P_j) = cross[i, i] - cross[i, j],
+    # one product over the pixels instead of an extra pass for the entropy.
+    kl = cross.diagonal(dim1=1, dim2=2)[:, :, None] - cross
     # KL(P_i || P_i) is 0 by definition; the subtraction above leaves rounding noise on the diagonal.
     eye = torch.eye(kl.shape[-1], dtype=torch.bool, device=kl.device)
     return kl.masked_fill(eye, 0.0)

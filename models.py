@@ -34,15 +34,19 @@ from transformers import (
     AutoModelForSemanticSegmentation,
     ConvNextConfig,
     MobileNetV2Config,
-    MobileNetV2ImageProcessorPil,
     MobileViTConfig,
-    MobileViTImageProcessorPil,
     PreTrainedConfig,
     PreTrainedModel,
     SegformerConfig,
-    SegformerImageProcessorPil,
     UperNetConfig,
 )
+
+try:  # transformers >= 5.x names the PIL/numpy processors *Pil; the plain names may need torchvision
+    from transformers import MobileNetV2ImageProcessorPil, MobileViTImageProcessorPil, SegformerImageProcessorPil
+except ImportError:  # earlier releases: the plain names are the PIL/numpy processors
+    from transformers import MobileNetV2ImageProcessor as MobileNetV2ImageProcessorPil
+    from transformers import MobileViTImageProcessor as MobileViTImageProcessorPil
+    from transformers import SegformerImageProcessor as SegformerImageProcessorPil
 
 logger = logging.getLogger(__name__)
 

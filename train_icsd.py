@@ -646,19 +646,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                       skip_bad_samples=args.skip_bad_samples)
     num_labels, ignore_index = info.num_labels, info.ignore_index
 
-    def train_collate(samples):
-        batch = data.train_collate(samples)
-        # Every batch is checked in the worker, on CPU: a bad label never reaches a GPU as a device-side assert.
-        data.check_labels(batch["labels"], num_labels, ignore_index)
-        return batch
-
     sampler = EpochShuffleSampler(len(train_ds), args.seed)
     loader_kwargs = dict(num_workers=args.dataloader_num_workers, worker_init_fn=_worker_init,
                          pin_memory=accelerator.device.type == "cuda",
                          generator=torch.Generator().manual_seed(args.seed))
     train_dataloader = DataLoader(
         train_ds, batch_sampler=BatchSampler(sampler, args.per_device_train_batch_size, drop_last=True),
-        collate_fn=train_collate, **loader_kwargs)
+        # Every sample's labels are checked as it is decoded, in the worker, on CPU (data.py): a bad label never
+        # reaches a GPU as a device-side assert.
+        collate_fn=data.train_collate, **loader_kwargs)
     # Evaluation is sharded by hand (every process a disjoint slice, no padding with repeated samples) so
     # the summed confusion matrix is exact for any number of processes.
     shard = Subset(eval_ds, range(accelerator.process_index, len(eval_ds), accelerator.num_processes))
@@ -678,6 +674,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         max_train_steps = args.max_train_steps
         num_epochs = math.ceil(max_train_steps / steps_per_epoch)
     alw_total = num_epochs if args.alw_granularity == "epoch" else max_train_steps
+    if args.distill == "aicsd" and args.alw_granularity == "epoch" and num_epochs < 10:
+        logger.warning(f"ALW at epoch granularity over {num_epochs} epoch(s): alpha takes only {num_epochs} values "
+                       f"({', '.join(f'{alw.alw_alpha(e, num_epochs):.2f}' for e in range(num_epochs))}); "
+                       "--alw_granularity step moves it every optimizer step")
     checkpoint_every = (steps_per_epoch if args.checkpointing_steps == "epoch"
                         else int(args.checkpointing_steps) if args.checkpointing_steps else None)
 

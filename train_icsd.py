@@ -299,7 +299,8 @@ def evaluate(
         skipped += int(batch.pop("num_skipped"))
         if batch["pixel_values"].shape[0] == 0:  # every sample of the batch was skipped
             continue
-        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+        # Sizes stay on the CPU: they are read per image, and reading them from the GPU would sync each time.
+        batch = {k: v if k.endswith("_sizes") else v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
         with accelerator.autocast():
             preds = predict_batch(model, batch, adapter)
         for b, pred in enumerate(preds):

@@ -280,3 +280,26 @@ def test_model_card_redacts_tokens_and_names_the_method(monkeypatch):
     card = train_icsd.write_model_card(args, info, {"eval_mean_iou": 0.5, "eval_per_category_iou": [0.5] * 9}, 10)
     assert "hf_abcdefghijklmnopqrstuvwxyz123456" not in card and "hf_***" in card
     assert "λ_ics=7.0" in card and "AICSD" in card and "| mIoU | 50.00 |" in card
+
+
+def test_tracking_logs_every_term_alpha_and_lr_to_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard", reason="requirements-dev.txt installs it")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tracked"
+    launch(synthetic_args(out, "aicsd", steps=4, with_tracking=True, report_to="tensorboard", logging_steps=2,
+                          alw_granularity="step"))
+    events = sorted(out.rglob("events.out.tfevents.*"))
+    assert events
+    tags = set()
+    for path in events:
+        acc = EventAccumulator(str(path.parent))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    expected = {"train/loss", "train/ce", "train/ics", "train/kd", "train/raw_ics", "train/raw_kd", "train/alpha",
+                "train/lr", "eval/mean_iou", "eval/overall_accuracy"}
+    assert expected <= tags, expected - tags
+    acc = EventAccumulator(str(next(p for p in events if p.parent.name == "aicsd").parent))
+    acc.Reload()
+    alphas = [e.value for e in acc.Scalars("train/alpha")]
+    assert alphas == pytest.approx([1 / 4, 3 / 4])  # logged after steps 2 and 4: alpha of steps 1 and 3 (0-based)

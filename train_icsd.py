@@ -728,6 +728,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     probe = torch.zeros(1, num_labels, 2, 2)
     log_keys = ["loss", *step_losses(args, probe, probe, torch.zeros(1, 2, 2, dtype=torch.long), ignore_index, 0.5)[1]]
     running = torch.zeros(len(log_keys) + 1, device=accelerator.device)
+    # Which logged values were non-finite since the last optimizer step, kept on the device: checking each
+    # micro-batch's loss on the host would synchronise the GPU every micro-batch.
+    nonfinite = torch.zeros(len(log_keys), dtype=torch.bool, device=accelerator.device)
     pending_skipped = 0  # undecodable samples met since the last optimizer step, on this process
     started = time.time()
     stop_reason = None
@@ -756,7 +759,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         loader.set_epoch(epoch)
         sampler.set_epoch(epoch)
         train_ds.set_epoch(epoch)
-        nonfinite_term: Optional[str] = None
         for batch in loader:
             batches_in_epoch += 1
             pending_skipped += int(batch.pop("num_skipped", torch.zeros(())).sum())
@@ -774,23 +776,25 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                             t_logits = models.segmentation_logits(teacher, teacher_adapter(pixel_values))
                     s_logits = models.segmentation_logits(student, student_adapter(pixel_values))
                     loss, terms = step_losses(args, s_logits, t_logits, labels, ignore_index, alpha)
-                if nonfinite_term is None and not torch.isfinite(loss):
-                    nonfinite_term = next((k for k, v in terms.items() if not torch.isfinite(v)), "loss")
                 accelerator.backward(loss)
             if terms:
-                running[:-1] += torch.stack([loss.detach(), *(terms[k] for k in log_keys[1:])]).float()
+                values = torch.stack([loss.detach(), *(terms[k] for k in log_keys[1:])]).float()
+                nonfinite |= ~torch.isfinite(values)
+                running[:-1] += values
                 running[-1] += 1
             if not accelerator.sync_gradients:
                 continue
 
             # One small all-reduce per optimizer step so that every process takes the same decision.
             # It also sums the skipped samples, so that the count in checkpoints and results covers all processes.
-            flags = torch.tensor([float(nonfinite_term is not None), float(_STOP_REQUESTED), float(pending_skipped)],
-                                 device=accelerator.device)
-            nonfinite, stop, newly_skipped = accelerator.reduce(flags, reduction="sum").tolist()
+            flags = torch.stack([nonfinite.any().float(), torch.tensor(float(_STOP_REQUESTED), device=accelerator.device),
+                                 torch.tensor(float(pending_skipped), device=accelerator.device)])
+            any_nonfinite, stop, newly_skipped = accelerator.reduce(flags, reduction="sum").tolist()
             skipped_samples, pending_skipped = skipped_samples + int(newly_skipped), 0
-            if nonfinite:
-                where = f"step {completed_steps + 1} (epoch {epoch}), term {nonfinite_term or 'on another process'}"
+            if any_nonfinite:
+                bad = [k for k, flag in zip(log_keys, nonfinite.tolist()) if flag]
+                term = next((k for k in bad if k != "loss"), bad[0] if bad else "on another process")
+                where = f"step {completed_steps + 1} (epoch {epoch}), term {term}"
                 if not args.skip_nonfinite_steps:
                     raise FloatingPointError(
                         f"non-finite loss at {where}; lower --learning_rate, set --max_grad_norm, "
@@ -807,7 +811,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                     group["lr"] = lr
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            nonfinite_term = None
+            nonfinite.zero_()
             completed_steps += 1
             progress.update(1)
 

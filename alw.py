@@ -13,11 +13,9 @@ exactly the value an uninterrupted run would. Without ALW the terms are added wi
 
 from __future__ import annotations
 
-from typing import Dict, Tuple, Union
-
 import torch
 
-Number = Union[float, torch.Tensor]
+Number = float | torch.Tensor
 
 # Defaults, chosen so that each term pulls with a comparable force early in training. At initialisation
 # on the synthetic preset and on CamVid (see BENCHMARKS.md, "Loss scales") CE is about ln(C) ≈ 2.2-3,
@@ -29,7 +27,7 @@ DEFAULT_LAMBDA_KD = 1.0
 DEFAULT_TEMPERATURE = 1.0
 
 
-def alw_alpha(current: Union[int, float], total: Union[int, float]) -> float:
+def alw_alpha(current: float, total: float) -> float:
     """ALW weight ``alpha = clip(current / total, 0, 1)``.
 
     Args:
@@ -43,7 +41,7 @@ def alw_alpha(current: Union[int, float], total: Union[int, float]) -> float:
 
 def alw_combine(
     ce: Number, ics: Number, kd: Number, alpha: float, lambda_ics: float, lambda_kd: float
-) -> Tuple[Number, Dict[str, Number]]:
+) -> tuple[Number, dict[str, Number]]:
     """``alpha * (ce + lambda_ics * ics) + (1 - alpha) * lambda_kd * kd``.
 
     Returns:
@@ -61,7 +59,7 @@ def alw_combine(
 
 def fixed_combine(
     ce: Number, ics: Number, kd: Number, lambda_ics: float, lambda_kd: float
-) -> Tuple[Number, Dict[str, Number]]:
+) -> tuple[Number, dict[str, Number]]:
     """``ce + lambda_ics * ics + lambda_kd * kd`` (no ALW), with the weighted terms for logging."""
     w_ics, w_kd = lambda_ics * ics, lambda_kd * kd
     terms = {"ce": _detach(ce), "ics": _detach(w_ics), "kd": _detach(w_kd)}

@@ -28,8 +28,6 @@ similarity matrix and loops over class pairs.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,6 +37,7 @@ __all__ = [
     "kd_loss",
     "cwd_loss",
     "ickd_loss",
+    "masked_cross_entropy",
     "ics_matrix",
     "row_normalize",
     "ICSDLoss",
@@ -77,7 +76,7 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be > 0; got {temperature}")
 
 
-def _flat_mask(valid_mask: Optional[Tensor], batch: int, size: Tuple[int, int]) -> Optional[Tensor]:
+def _flat_mask(valid_mask: Tensor | None, batch: int, size: tuple[int, int]) -> Tensor | None:
     """Bring a ``(B, H, W)`` bool mask to ``size`` with nearest sampling and flatten it to ``(B, N)``."""
     if valid_mask is None:
         return None
@@ -93,8 +92,8 @@ def _flat_mask(valid_mask: Optional[Tensor], batch: int, size: Tuple[int, int]) 
 
 
 def _align(
-    student_logits: Tensor, teacher_logits: Tensor, valid_mask: Optional[Tensor]
-) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    student_logits: Tensor, teacher_logits: Tensor, valid_mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Upcast, detach the teacher, resize the student to the teacher's size; return ``(B, C, N)`` and ``(B, N)``."""
     _check_logits(student_logits, teacher_logits)
     dtype = _compute_dtype(student_logits, teacher_logits)
@@ -107,7 +106,7 @@ def _align(
     return s.flatten(2), t.flatten(2), mask
 
 
-def _image_weights(mask: Optional[Tensor], batch: int, like: Tensor) -> Tuple[Tensor, Tensor]:
+def _image_weights(mask: Tensor | None, batch: int, like: Tensor) -> tuple[Tensor, Tensor]:
     """Per-image weight (1 if the image has a valid pixel, else 0) and the number of such images (>= 1)."""
     if mask is None:
         w = torch.ones(batch, dtype=like.dtype, device=like.device)
@@ -116,7 +115,7 @@ def _image_weights(mask: Optional[Tensor], batch: int, like: Tensor) -> Tuple[Te
     return w, w.sum().clamp_min(1.0)
 
 
-def _spatial_log_softmax(x: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+def _spatial_log_softmax(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """Softmax of each ``(b, c)`` row of ``x`` ``(B, C, N)`` over its valid pixels.
 
     Returns ``(p, log_p)``, both ``(B, C, N)``, with ``p = 0`` and ``log_p = 0`` at invalid pixels so that
@@ -160,7 +159,7 @@ def row_normalize(matrix: Tensor) -> Tensor:
     return matrix / torch.linalg.vector_norm(matrix, dim=-1, keepdim=True).clamp_min(_NORM_EPS)
 
 
-def _ics_from_flat(x: Tensor, mask: Optional[Tensor], temperature: float) -> Tensor:
+def _ics_from_flat(x: Tensor, mask: Tensor | None, temperature: float) -> Tensor:
     p, log_p = _spatial_log_softmax(x if temperature == 1 else x / temperature, mask)
     cross = _pair_sums(p, log_p)  # (B, C, C): sum_n P_i log P_j
     # The diagonal sum_n P_i log P_i is the negative entropy: KL(P_i || P_j) = cross[i, i] - cross[i, j],
@@ -174,7 +173,7 @@ def _ics_from_flat(x: Tensor, mask: Optional[Tensor], temperature: float) -> Ten
 # --------------------------------------------------------------------------------------------------------
 # Public losses
 # --------------------------------------------------------------------------------------------------------
-def ics_matrix(logits: Tensor, valid_mask: Optional[Tensor] = None, temperature: float = 1.0) -> Tensor:
+def ics_matrix(logits: Tensor, valid_mask: Tensor | None = None, temperature: float = 1.0) -> Tensor:
     """Inter-class similarity matrix of AICSD (before row normalisation).
 
     For each image ``b`` and class ``c``, ``P[b, c] = softmax_n(x[b, c, n] / T)`` over the valid pixels
@@ -202,7 +201,7 @@ def ics_matrix(logits: Tensor, valid_mask: Optional[Tensor] = None, temperature:
 def icsd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
-    valid_mask: Optional[Tensor] = None,
+    valid_mask: Tensor | None = None,
     temperature: float = 1.0,
 ) -> Tensor:
     """Inter-Class Similarity Distillation loss (AICSD, arXiv:2308.04243).
@@ -235,7 +234,7 @@ def icsd_loss(
 def kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
-    valid_mask: Optional[Tensor] = None,
+    valid_mask: Tensor | None = None,
     temperature: float = 1.0,
 ) -> Tensor:
     """Pixel-wise knowledge distillation (Hinton et al. 2015, applied per pixel).
@@ -268,7 +267,7 @@ def kd_loss(
 def cwd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
-    valid_mask: Optional[Tensor] = None,
+    valid_mask: Tensor | None = None,
     temperature: float = 1.0,
 ) -> Tensor:
     """Channel-wise distillation (Shu et al., "Channel-wise Knowledge Distillation for Dense Prediction",
@@ -300,7 +299,7 @@ def cwd_loss(
 def ickd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
-    valid_mask: Optional[Tensor] = None,
+    valid_mask: Tensor | None = None,
 ) -> Tensor:
     """Inter-channel correlation distillation on the logits (after Liu et al., ICKD, ICCV 2021).
 
@@ -329,6 +328,27 @@ def ickd_loss(
         return (per_image * weight).sum() / count
 
 
+def masked_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 255) -> Tensor:
+    """Cross-entropy of ``logits`` against ``labels``, averaged over the pixels whose label is not ignored.
+
+    Args:
+        logits: ``(B, C, h, w)``; resized bilinearly (``align_corners=False``) to the labels' size.
+        labels: ``(B, H, W)`` integer class indices, ``ignore_index`` where there is no label.
+        ignore_index: the label value that takes no part in the loss.
+
+    Returns:
+        Scalar, float32 (float64 for float64 logits). A batch without any valid pixel gives exactly 0 with
+        zero gradients, where ``F.cross_entropy(reduction="mean")`` (and transformers' own segmentation loss)
+        divides by zero and gives NaN.
+    """
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        x = logits.to(_compute_dtype(logits))
+        if x.shape[-2:] != labels.shape[-2:]:
+            x = F.interpolate(x, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        total = F.cross_entropy(x, labels.long(), ignore_index=ignore_index, reduction="sum")
+        return total / (labels != ignore_index).sum().clamp_min(1)
+
+
 # --------------------------------------------------------------------------------------------------------
 # nn.Module wrappers, for code that wants losses as modules
 # --------------------------------------------------------------------------------------------------------
@@ -345,26 +365,26 @@ class _TemperatureLoss(nn.Module):
 class ICSDLoss(_TemperatureLoss):
     """Module form of :func:`icsd_loss`."""
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, valid_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, valid_mask: Tensor | None = None) -> Tensor:
         return icsd_loss(student_logits, teacher_logits, valid_mask, self.temperature)
 
 
 class KDLoss(_TemperatureLoss):
     """Module form of :func:`kd_loss`."""
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, valid_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, valid_mask: Tensor | None = None) -> Tensor:
         return kd_loss(student_logits, teacher_logits, valid_mask, self.temperature)
 
 
 class CWDLoss(_TemperatureLoss):
     """Module form of :func:`cwd_loss`."""
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, valid_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, valid_mask: Tensor | None = None) -> Tensor:
         return cwd_loss(student_logits, teacher_logits, valid_mask, self.temperature)
 
 
 class ICKDLoss(nn.Module):
     """Module form of :func:`ickd_loss`."""
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, valid_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, valid_mask: Tensor | None = None) -> Tensor:
         return ickd_loss(student_logits, teacher_logits, valid_mask)

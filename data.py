@@ -1,8 +1,9 @@
 """Datasets, label handling and augmentation for segmentation distillation.
 
-``load_splits`` turns a preset name or any ``datasets``-loadable path/Hub id into
-train/eval ``datasets.Dataset`` objects plus a :class:`DataInfo` describing the
-classes and every decision taken. ``build_train_dataset`` / ``build_eval_dataset``
+``load_splits(DataOptions(...))`` turns a preset name or any ``datasets``-loadable
+path/Hub id into train/eval ``datasets.Dataset`` objects plus a :class:`DataInfo`
+describing the classes and every decision taken (the ``synthetic`` preset's scenes
+come from ``synthetic.py``, imported only when that preset is loaded). ``build_train_dataset`` / ``build_eval_dataset``
 wrap them into ``torch.utils.data.Dataset`` objects that decode each image once,
 inside DataLoader workers, and apply augmentations whose randomness is a pure
 function of (seed, epoch, sample index).
@@ -13,21 +14,24 @@ its model expects.
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import logging
-import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
 import datasets
+import huggingface_hub
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+import utils_hub
 
 logger = logging.getLogger(__name__)
 
@@ -103,10 +107,10 @@ CAMVID_CLASSES = (
     "pedestrian", "bicyclist",
 )
 
+# In the order of the label values synthetic.py paints (synthetic.SKY ... synthetic.SIGN).
 SYNTHETIC_CLASSES = (
     "sky", "building", "road", "sidewalk", "vegetation", "car", "person", "pole", "traffic sign",
 )
-_SKY, _BUILDING, _ROAD, _SIDEWALK, _VEGETATION, _CAR, _PERSON, _POLE, _SIGN = range(len(SYNTHETIC_CLASSES))
 
 
 def _as_id2label(names: Sequence[str]) -> dict[int, str]:
@@ -465,319 +469,169 @@ def decode_label(value: Any, what: str = "label") -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------
-# Synthetic road scenes
-# --------------------------------------------------------------------------------------
-
-
-def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int) -> np.ndarray:
-    """(H, W) float32 noise, bilinearly interpolated from a (cells+1)^2 random grid."""
-    grid = rng.standard_normal((cells + 1, cells + 1)).astype(np.float32)
-    ys = np.linspace(0, cells, height, dtype=np.float32)
-    xs = np.linspace(0, cells, width, dtype=np.float32)
-    y0 = np.minimum(ys.astype(np.int64), cells - 1)
-    x0 = np.minimum(xs.astype(np.int64), cells - 1)
-    wy = (ys - y0)[:, None]
-    wx = (xs - x0)[None, :]
-    top = grid[y0][:, x0] * (1 - wx) + grid[y0][:, x0 + 1] * wx
-    bottom = grid[y0 + 1][:, x0] * (1 - wx) + grid[y0 + 1][:, x0 + 1] * wx
-    return top * (1 - wy) + bottom * wy
-
-
-class _Canvas:
-    """Image/label buffers plus pixel coordinates; drawing is confined to windows for speed."""
-
-    def __init__(self, rng: np.random.Generator, height: int, width: int):
-        self.rng = rng
-        self.h, self.w = height, width
-        self.yy, self.xx = np.mgrid[0:height, 0:width].astype(np.float32)
-        self.image = np.zeros((height, width, 3), dtype=np.float32)
-        self.label = np.zeros((height, width), dtype=np.uint8)
-
-    def window(self, top: float, bottom: float, left: float, right: float
-               ) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray] | None:
-        """Slices and coordinates of a box clipped to the image; None if it is off-image."""
-        y0, y1 = max(int(math.floor(top)), 0), min(int(math.ceil(bottom)) + 1, self.h)
-        x0, x1 = max(int(math.floor(left)), 0), min(int(math.ceil(right)) + 1, self.w)
-        if y0 >= y1 or x0 >= x1:
-            return None
-        box = (slice(y0, y1), slice(x0, x1))
-        return box, self.yy[box], self.xx[box]
-
-    def paint(self, box: tuple[slice, slice], mask: np.ndarray, colour: np.ndarray, cls: int,
-              grain: float = 0.0) -> None:
-        """Fill ``mask`` (window-shaped) with a colour (3,) or a window-shaped colour field."""
-        if not mask.any():
-            return
-        colour = np.asarray(colour, dtype=np.float32)
-        pixels = colour[mask] if colour.ndim == 3 else np.broadcast_to(colour, (int(mask.sum()), 3))
-        if grain > 0:
-            pixels = pixels + self.rng.normal(0.0, grain, size=pixels.shape).astype(np.float32)
-        self.image[box][mask] = pixels
-        self.label[box][mask] = cls
-
-
-def _jitter(rng: np.random.Generator, colour: Sequence[float], amount: float) -> np.ndarray:
-    return np.clip(np.asarray(colour, dtype=np.float32) + rng.uniform(-amount, amount, 3), 0.0, 1.0)
-
-
-def _random_hue(rng: np.random.Generator, saturation: tuple[float, float], value: tuple[float, float]) -> np.ndarray:
-    hue = rng.uniform(0, 1)
-    s, v = rng.uniform(*saturation), rng.uniform(*value)
-    rgb = np.clip(np.abs(np.mod(hue * 6 + np.array([0.0, 4.0, 2.0]), 6) - 3) - 1, 0, 1)
-    return (((1 - s) + s * rgb) * v).astype(np.float32)
-
-
-def render_synthetic_scene(seed: int, index: int, height: int = 128, width: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one road scene; a pure function of its arguments.
-
-    Layout follows street scenes: sky above buildings of varied height (with
-    window grids), a road in perspective with lane markings, sidewalks and
-    grass verges beside it; cars on the road, people on the sidewalks, poles
-    at the kerb (often carrying a sign), trees on the verge. Objects grow
-    towards the bottom of the image and nearer ones occlude farther ones.
-    Colours are drawn per scene and per object (grey cars on grey roads,
-    overcast skies as grey as concrete) with smooth and per-pixel noise, so
-    colour alone does not give the class away. Car and person outlines are
-    marked 255 (ignore), like annotation edges in real data.
-
-    Returns:
-        image (H, W, 3) uint8 RGB, label (H, W) uint8 with values in
-        0..len(SYNTHETIC_CLASSES)-1 or 255.
-    """
-    rng = np.random.default_rng([int(seed), int(index)])
-    c = _Canvas(rng, height, width)
-    h, w, yy, xx = height, width, c.yy, c.xx
-    coarse = _smooth_noise(rng, h, w, 6)
-    fine = _smooth_noise(rng, h, w, max(8, w // 5))
-    horizon = h * rng.uniform(0.36, 0.56)
-    full = (slice(0, h), slice(0, w))
-
-    # Sky: clear, overcast or dusk gradient with cloud-like noise.
-    top, bottom = (
-        ((0.25, 0.45, 0.85), (0.65, 0.78, 0.95)),
-        ((0.55, 0.57, 0.6), (0.75, 0.76, 0.78)),
-        ((0.35, 0.3, 0.55), (0.95, 0.6, 0.4)),
-    )[int(rng.integers(3))]
-    t = (yy / max(horizon, 1.0)).clip(0, 1)[..., None]
-    sky = _jitter(rng, top, 0.08) * (1 - t) + _jitter(rng, bottom, 0.08) * t + 0.06 * coarse[..., None]
-    c.paint(full, np.ones((h, w), dtype=bool), sky, _SKY, grain=0.01)
-
-    # Buildings along the horizon, with gaps of sky between some of them.
-    palette = ((0.55, 0.3, 0.25), (0.78, 0.7, 0.55), (0.5, 0.5, 0.52), (0.68, 0.68, 0.66),
-               (0.45, 0.55, 0.65), (0.35, 0.3, 0.28))
-    x = -rng.uniform(0, 0.1) * w
-    while x < w:
-        if rng.uniform() < 0.15:
-            x += rng.uniform(0.03, 0.1) * w
-            continue
-        bw = rng.uniform(0.12, 0.35) * w
-        roof = horizon * (1 - rng.uniform(0.3, 1.0))
-        win = c.window(roof, horizon + 1, x, x + bw)
-        if win is not None:
-            box, by, bx = win
-            mask = (bx >= x) & (bx < x + bw) & (by >= roof) & (by < horizon + 1)
-            base = _jitter(rng, palette[int(rng.integers(len(palette)))], 0.08)
-            facade = base + 0.05 * coarse[box][..., None] * rng.choice((-1.0, 1.0))
-            if rng.uniform() < 0.8:
-                px, py = rng.uniform(0.04, 0.08) * w, rng.uniform(0.05, 0.09) * h
-                windows = (np.mod(bx - x, px) > px * 0.35) & (np.mod(by - roof, py) > py * 0.4)
-                windows &= (bx > x + 0.3 * px) & (bx < x + bw - 0.3 * px) & (by > roof + 0.3 * py)
-                glass = _jitter(rng, (0.15, 0.18, 0.25) if rng.uniform() < 0.6 else (0.6, 0.75, 0.85), 0.07)
-                facade = np.where(windows[..., None], glass, facade)
-            else:
-                stripes = np.mod(bx - x, rng.uniform(2.0, 5.0)) < 1.0
-                facade = facade - 0.06 * stripes[..., None]
-            c.paint(box, mask, facade, _BUILDING, grain=0.02)
-        x += bw
-
-    # Ground: perspective road with lane markings, kerbs, sidewalks, optional grass verge.
-    row = np.arange(h, dtype=np.float32)
-    depth_row = ((row - horizon) / max(h - horizon, 1.0)).clip(0, 1)  # 0 at the horizon, 1 at the bottom
-    vanish_x = rng.uniform(0.35, 0.65) * w
-    bottom_x = vanish_x + rng.uniform(-0.15, 0.15) * w
-    centre_row = vanish_x + (bottom_x - vanish_x) * depth_row
-    half_row = rng.uniform(0.01, 0.04) * w + rng.uniform(0.3, 0.55) * w * depth_row
-    walk_row = half_row * rng.uniform(0.35, 0.9) + 2.0
-    g0 = int(math.ceil(horizon))
-    if g0 < h:
-        box = (slice(g0, h), slice(0, w))
-        gy, gx = yy[box], xx[box]
-        depth, half, walk = depth_row[g0:, None], half_row[g0:, None], walk_row[g0:, None]
-        dist = np.abs(gx - centre_row[g0:, None])
-        road = dist < half
-        pavement = _jitter(rng, ((0.62, 0.62, 0.6), (0.72, 0.66, 0.55), (0.6, 0.45, 0.4))[int(rng.integers(3))], 0.06)
-        tile = rng.uniform(3.0, 7.0)
-        tiles = (np.mod(gx, tile) < 0.8) | (np.mod(gy, tile * 0.6) < 0.8)
-        kerb = (dist >= half) & (dist < half + 1.0 + depth * 0.02 * w)
-        paving = np.where(kerb[..., None], np.clip(pavement + 0.12, 0, 1), pavement - 0.07 * tiles[..., None])
-        verge = bool(rng.uniform() < 0.45)
-        side = ~road & (dist < half + walk) if verge else ~road
-        c.paint(box, side, paving, _SIDEWALK, grain=0.025)
-        if verge:
-            grass = _jitter(rng, (0.3, 0.5, 0.2), 0.08) + 0.08 * fine[box][..., None]
-            c.paint(box, ~road & ~side, grass, _VEGETATION, grain=0.06)
-        grey = rng.uniform(0.18, 0.45)
-        asphalt = np.float32(grey) + rng.uniform(-0.03, 0.03, 3).astype(np.float32) + 0.04 * coarse[box][..., None]
-        dashes = (np.sin(rng.uniform(2.0, 4.0) / (depth + 0.04)) > 0.1) & (dist < 0.4 + 0.012 * w * depth)
-        marking = np.asarray((0.9, 0.9, 0.88) if rng.uniform() < 0.7 else (0.9, 0.8, 0.3), dtype=np.float32)
-        c.paint(box, road, np.where(dashes[..., None], marking, asphalt), _ROAD, grain=0.03)
-
-    def at_row(base_y: float) -> tuple[float, float, float, float]:
-        r = min(max(int(base_y), 0), h - 1)
-        return float(depth_row[r]), float(centre_row[r]), float(half_row[r]), float(walk_row[r])
-
-    def beside_road(base_y: float, lo: float, hi: float) -> float:
-        _, cx, hw, wk = at_row(base_y)
-        return cx + (1 if rng.uniform() < 0.5 else -1) * (hw + rng.uniform(lo, hi) * wk)
-
-    span = max(h - horizon, 1.0)
-    objects: list[tuple[float, str]] = []
-    objects += [(horizon + rng.uniform(0.05, 0.7) * span, "tree") for _ in range(rng.integers(0, 4))]
-    objects += [(horizon + rng.uniform(0.1, 0.95) * span, "pole") for _ in range(rng.integers(1, 4))]
-    objects += [(horizon + rng.uniform(0.08, 1.1) * span, "car") for _ in range(rng.integers(0, 5))]
-    objects += [(horizon + rng.uniform(0.05, 1.0) * span, "person") for _ in range(rng.integers(0, 6))]
-    objects.sort(key=lambda item: item[0])  # far first, so nearer objects occlude
-
-    outlined = np.zeros((h, w), dtype=bool)
-    for base_y, kind in objects:
-        d, cx, hw, _ = at_row(base_y)
-        scale = 0.15 + 0.85 * d
-        if kind == "tree":
-            x0 = beside_road(base_y, 0.5, 1.6)
-            trunk_h, trunk_w = 0.35 * h * scale, max(1.0, 0.02 * w * scale)
-            win = c.window(base_y - trunk_h, base_y, x0 - trunk_w, x0 + trunk_w)
-            if win is not None:
-                box, wy, wx = win
-                trunk = (np.abs(wx - x0) < trunk_w) & (wy <= base_y) & (wy > base_y - trunk_h)
-                c.paint(box, trunk, _jitter(rng, (0.35, 0.25, 0.15), 0.05), _VEGETATION, grain=0.03)
-            radius = 0.12 * h * scale
-            crown_y = base_y - trunk_h
-            win = c.window(crown_y - 1.8 * radius, crown_y + 1.4 * radius, x0 - 2 * radius, x0 + 2 * radius)
-            if win is not None:
-                box, wy, wx = win
-                canopy = np.zeros(wy.shape, dtype=bool)
-                for _ in range(rng.integers(2, 5)):
-                    oy = crown_y - rng.uniform(-0.3, 0.6) * radius
-                    ox = x0 + rng.uniform(-0.8, 0.8) * radius
-                    r = radius * rng.uniform(0.6, 1.1)
-                    canopy |= (wy - oy) ** 2 + (wx - ox) ** 2 < r * r
-                leaves = _jitter(rng, (0.2, 0.45, 0.15), 0.1) + 0.12 * fine[box][..., None]
-                c.paint(box, canopy, leaves, _VEGETATION, grain=0.08)
-        elif kind == "pole":
-            x0 = beside_road(base_y, 0.05, 0.3)
-            pole_h, pole_w = (0.3 + 0.4 * d) * h, max(0.6, 0.008 * w * scale)
-            win = c.window(base_y - pole_h, base_y, x0 - pole_w, x0 + pole_w)
-            if win is not None:
-                box, wy, wx = win
-                pole = (np.abs(wx - x0) < pole_w) & (wy <= base_y) & (wy > base_y - pole_h)
-                c.paint(box, pole, _jitter(rng, (0.3, 0.3, 0.32), 0.12), _POLE, grain=0.02)
-            if rng.uniform() < 0.65:
-                size = max(1.5, 0.05 * h * scale)
-                sy, sx = base_y - pole_h + size, x0
-                shape = int(rng.integers(3))
-                face = ((0.85, 0.1, 0.1), (0.1, 0.3, 0.8), (0.95, 0.8, 0.1), (0.92, 0.92, 0.92))
-                colour = _jitter(rng, face[int(rng.integers(len(face)))], 0.06)
-                win = c.window(sy - size, sy + size, sx - size, sx + size)
-                if win is not None:
-                    box, wy, wx = win
-                    if shape == 0:
-                        sign = (wy - sy) ** 2 + (wx - sx) ** 2 < size * size
-                    elif shape == 1:
-                        sign = (np.abs(wy - sy) < size) & (np.abs(wx - sx) < size)
-                    else:
-                        sign = (wy > sy - size) & (wy < sy + size) & (np.abs(wx - sx) < (wy - sy + size) * 0.6)
-                    inner = (np.abs(wy - sy) < size * 0.3) & (np.abs(wx - sx) < size * 0.5)
-                    c.paint(box, sign, np.where(inner[..., None], 1.0 - colour, colour), _SIGN, grain=0.02)
-        elif kind == "car":
-            x0 = cx + rng.uniform(-0.75, 0.75) * hw
-            car_w = (0.08 + 0.42 * d) * w
-            car_h = car_w * rng.uniform(0.45, 0.65)
-            wheel_r = car_w * 0.11
-            paint = _random_hue(rng, (0.0, 0.9), (0.15, 0.95))
-            win = c.window(base_y - car_h, base_y + wheel_r, x0 - car_w / 2, x0 + car_w / 2)
-            if win is not None:
-                box, wy, wx = win
-                body = (np.abs(wx - x0) < car_w / 2) & (wy <= base_y) & (wy > base_y - car_h * 0.6)
-                cabin = (np.abs(wx - x0) < car_w * 0.33) & (wy <= base_y - car_h * 0.55) & (wy > base_y - car_h)
-                glass = (np.abs(wx - x0) < car_w * 0.28) & (wy <= base_y - car_h * 0.6) & (wy > base_y - car_h * 0.92)
-                wheels = (((wx - (x0 - car_w * 0.3)) ** 2 + (wy - base_y) ** 2 < wheel_r ** 2) |
-                          ((wx - (x0 + car_w * 0.3)) ** 2 + (wy - base_y) ** 2 < wheel_r ** 2))
-                wheels &= wy <= base_y + car_w * 0.05
-                car = body | cabin | wheels
-                colours = np.where(glass[..., None], np.float32((0.2, 0.25, 0.3)), paint)
-                colours = np.where(wheels[..., None], np.float32((0.05, 0.05, 0.05)), colours)
-                c.paint(box, car, colours, _CAR, grain=0.02)
-                outlined[box] |= car
-        else:  # person
-            x0 = beside_road(base_y, 0.1, 0.95)
-            ph = (0.1 + 0.3 * d) * h
-            pw = ph * rng.uniform(0.22, 0.32)
-            head_r = ph * 0.1
-            skin = _jitter(rng, ((0.9, 0.75, 0.6), (0.6, 0.42, 0.3), (0.35, 0.25, 0.18))[int(rng.integers(3))], 0.05)
-            shirt = _random_hue(rng, (0.2, 1.0), (0.2, 0.95))
-            trousers = _random_hue(rng, (0.0, 0.6), (0.1, 0.5))
-            win = c.window(base_y - ph, base_y, x0 - pw / 2, x0 + pw / 2)
-            if win is not None:
-                box, wy, wx = win
-                legs = (np.abs(wx - x0) < pw * 0.35) & (wy <= base_y) & (wy > base_y - ph * 0.45)
-                torso = (np.abs(wx - x0) < pw / 2) & (wy <= base_y - ph * 0.45) & (wy > base_y - ph * 0.8)
-                head = (wy - (base_y - ph * 0.88)) ** 2 + (wx - x0) ** 2 < head_r * head_r
-                person = legs | torso | head
-                colours = np.where(torso[..., None], shirt, np.where(legs[..., None], trousers, skin))
-                c.paint(box, person, colours, _PERSON, grain=0.03)
-                outlined[box] |= person
-
-    # 1-px ignore band where a car or person meets anything else (annotation edges).
-    label = c.label
-    edge = np.zeros((h, w), dtype=bool)
-    edge[1:, :] |= label[1:, :] != label[:-1, :]
-    edge[:, 1:] |= label[:, 1:] != label[:, :-1]
-    label = np.where(edge & outlined, np.uint8(255), label)
-
-    gain, offset = rng.uniform(0.8, 1.2), rng.uniform(-0.06, 0.06)
-    image = c.image * gain + offset + rng.normal(0.0, rng.uniform(0.01, 0.04), c.image.shape).astype(np.float32)
-    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), label.astype(np.uint8)
-
-
-class SyntheticRenderer:
-    """``with_transform`` callable turning a batch of ``{"index": [...]}`` into scenes.
-
-    A class (not a closure) so DataLoader workers can pickle it under any start method.
-    """
-
-    def __init__(self, seed: int, height: int, width: int):
-        self.seed, self.height, self.width = int(seed), int(height), int(width)
-
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        images, labels = [], []
-        for index in batch["index"]:
-            image, label = render_synthetic_scene(self.seed, index, self.height, self.width)
-            images.append(image)
-            labels.append(label)
-        return {"index": list(batch["index"]), "image": images, "label": labels}
-
-
-def make_synthetic_splits(num_train: int = 512, num_eval: int = 64, *, height: int = 128, width: int = 128,
-                          seed: int = 0) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Train/eval ``datasets.Dataset`` of synthetic scenes, rendered lazily on access.
-
-    Train rows are indices 0..num_train-1, eval rows num_train..num_train+num_eval-1,
-    so the two never share a scene. Each row yields ``{"index", "image" (H, W, 3)
-    uint8, "label" (H, W) uint8}``.
-    """
-    if num_train < 1 or num_eval < 1:
-        raise DataError(f"synthetic splits need at least one scene each, got {num_train} train / {num_eval} eval")
-    if height < 16 or width < 16:
-        raise DataError(f"synthetic scenes must be at least 16x16, got {height}x{width}")
-    renderer = SyntheticRenderer(seed, height, width)
-    train = datasets.Dataset.from_dict({"index": list(range(num_train))}, split="train")
-    evaluation = datasets.Dataset.from_dict({"index": list(range(num_train, num_train + num_eval))}, split="validation")
-    return train.with_transform(renderer), evaluation.with_transform(renderer)
-
-
-# --------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """What :func:`load_splits` loads and how: one field per data flag of ``train_icsd.py``, same names.
+
+    Attributes:
+        dataset: A preset name (``cityscapes``, ``pascal-voc``, ``ade20k``,
+            ``camvid``, ``synthetic``) supplying classes, label mapping, crop and
+            default models.
+        dataset_name: Hub id or local folder for ``datasets.load_dataset``;
+            overrides the preset's Hub id. Alone (no preset) it loads any
+            dataset whose classes come from its ``id2label.json`` or ``id2label``.
+        dataset_config_name: ``datasets`` config name; for ``synthetic``, the
+            scene size as ``"HxW"``.
+        image_column / label_column: column names; auto-detected when None.
+        id2label: path of a JSON file ``{"0": "name", ...}`` overriding every
+            other class source.
+        ignore_index: ignored label value (default: the preset's, else 255).
+        do_reduce_labels: force (True) or forbid (False) the ADE20K-style
+            reduction; None lets the preset decide.
+        train_split: training split name.
+        validation_split: evaluation split; None looks for validation, val,
+            valid, test in that order, then carves ``validation_fraction`` of
+            train with ``seed``.
+        seed: seed of that carve.
+        max_train_samples / max_eval_samples: keep only the first N rows.
+        trust_remote_code: accepted for symmetry with the model loaders; datasets 5
+            runs no loading scripts, so it only adds a warning and a note.
+        validation_fraction: share of train carved off as the evaluation split
+            when the dataset has none (no command-line flag).
+    """
+
+    dataset: str | None = None
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    id2label: str | None = None
+    ignore_index: int | None = None
+    do_reduce_labels: bool | None = None
+    train_split: str = "train"
+    validation_split: str | None = None
+    seed: int = 42
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    trust_remote_code: bool = False
+    validation_fraction: float = 0.1
+
+    @classmethod
+    def from_args(cls, namespace: argparse.Namespace) -> DataOptions:
+        """The options an argparse ``Namespace`` holds, taken by field name.
+
+        Fields the namespace has no attribute for keep their defaults, so a
+        tool's parser may define only the flags it uses.
+        """
+        return cls(**{f.name: getattr(namespace, f.name) for f in fields(cls) if hasattr(namespace, f.name)})
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where ``datasets.load_dataset`` reads: a folder or Hub id, plus the preset's Hub extras."""
+
+    path: str
+    revision: str | None = None
+    data_dir: str | None = None
+    config_name: str | None = None
+
+
+def load_splits(options: DataOptions) -> tuple[datasets.Dataset, datasets.Dataset, DataInfo]:
+    """Load train and evaluation splits and describe them.
+
+    Args:
+        options: what to load and how (see :class:`DataOptions`).
+
+    Returns:
+        (train, eval, info). Image/label columns are left undecoded (raw
+        bytes/paths); the pipelines decode each sample once, in workers.
+
+    Raises:
+        DataError: the options or the data cannot be used; the message names
+            the problem and the flag that fixes it.
+    """
+    preset = _preset_for(options)
+    if not 0.0 < options.validation_fraction < 1.0:
+        raise DataError(f"validation_fraction must be in (0, 1), got {options.validation_fraction}")
+    if preset is not None and preset.name == "synthetic":
+        return _load_synthetic(options)
+
+    source = _source_for(options, preset)
+    notes = _source_notes(options, preset, source)
+    splits = _load_dataset_dict(source)
+    train, evaluation = _pick_splits(splits, options, preset, source.path, notes)
+    image_column, label_column, name_column = _pick_columns(train, evaluation, options)
+    id2label = _pick_classes(options, preset, source, notes)
+    ignore_index = options.ignore_index
+    if ignore_index is None:
+        ignore_index = preset.ignore_index if preset else 255
+    mapping = _pick_mapping(options, preset, notes)
+    train = _cast_undecoded(train, (image_column, label_column))
+    evaluation = _cast_undecoded(evaluation, (image_column, label_column))
+    if mapping == LABELS_CITYSCAPES_AUTO:
+        mapping = _detect_cityscapes_mapping(train, label_column, options.train_split, notes)
+    if 0 <= ignore_index < len(id2label):
+        raise DataError(
+            f"ignore_index {ignore_index} is a class id (0..{len(id2label) - 1}): pick a value outside the classes"
+        )
+    train, evaluation = _keep_first(train, evaluation, options, notes)
+    return train, evaluation, _data_info(
+        id2label, ignore_index, mapping, image_column=image_column, label_column=label_column,
+        crop_size=preset.crop_size if preset else (512, 512), notes=notes,
+        preset=preset.name if preset else None, source=source.path, name_column=name_column,
+        default_teacher=preset.default_teacher if preset else None,
+        default_student=preset.default_student if preset else None,
+    )
+
+
+def _preset_for(options: DataOptions) -> DatasetPreset | None:
+    """The preset ``options.dataset`` names (None for a plain ``dataset_name``); refuses options naming nothing."""
+    preset: DatasetPreset | None = None
+    if options.dataset is not None:
+        preset = DATASET_PRESETS.get(options.dataset)
+        if preset is None:
+            raise DataError(f"unknown dataset preset {options.dataset!r}: choose one of {', '.join(DATASET_PRESETS)}")
+    if preset is None and options.dataset_name is None:
+        raise DataError(
+            f"no dataset given: pass --dataset PRESET ({', '.join(DATASET_PRESETS)}) or --dataset_name PATH_OR_HUB_ID"
+        )
+    return preset
+
+
+def _source_for(options: DataOptions, preset: DatasetPreset | None) -> _Source:
+    """``dataset_name`` if given, else the preset's Hub copy with its revision, folder and config."""
+    path = options.dataset_name or (preset.hub_id if preset else None)
+    if path is None:
+        assert preset is not None
+        raise DataError(
+            f"preset {preset.name!r} has no default Hub copy: pass --dataset_name with a local folder "
+            f"(e.g. ../shared/data/{preset.name}). {preset.notes}"
+        )
+    if preset is None or options.dataset_name is not None:  # the Hub extras belong to the preset's own copy
+        return _Source(path, config_name=options.dataset_config_name)
+    return _Source(path, revision=preset.hub_revision, data_dir=preset.hub_data_dir,
+                   config_name=options.dataset_config_name or preset.hub_config_name)
+
+
+def _source_notes(options: DataOptions, preset: DatasetPreset | None, source: _Source) -> list[str]:
+    """The first notes of a load: the preset, what is read, and an ignored ``trust_remote_code``."""
+    notes: list[str] = []
+    if preset is not None:
+        notes.append(f"preset {preset.name}: {preset.notes}")
+    notes.append(f"loaded {source.path!r}" + (f" at revision {source.revision}" if source.revision else "")
+                 + (f", folder {source.data_dir}" if source.data_dir else "")
+                 + (f", config {source.config_name}" if source.config_name else ""))
+    if options.trust_remote_code:
+        # datasets 5 runs no loading scripts, so the flag cannot do anything here.
+        logger.warning("trust_remote_code has no effect on datasets %s (no loading scripts)", datasets.__version__)
+        notes.append(
+            f"trust_remote_code ignored for the dataset: datasets {datasets.__version__} runs no loading scripts"
+        )
+    return notes
 
 
 def _hub_unreachable(source: str, reason: str) -> DataError:
@@ -788,57 +642,138 @@ def _hub_unreachable(source: str, reason: str) -> DataError:
     )
 
 
-def _load_dataset_dict(source: str, config_name: str | None, *, revision: str | None,
-                       data_dir: str | None) -> datasets.DatasetDict:
-    """``datasets.load_dataset`` with a quick reachability probe so a missing Hub fails at once."""
-    import huggingface_hub
-    from huggingface_hub import errors as hf_errors
-
-    is_local = Path(source).expanduser().is_dir()
-    if not is_local:
-        if source.startswith((".", "/", "~")) or Path(source).exists():
-            raise DataError(f"dataset folder {source!r} does not exist (or is a file): check the path")
-        if not huggingface_hub.constants.HF_HUB_OFFLINE:
-            try:
-                huggingface_hub.HfApi().dataset_info(source, revision=revision, timeout=10.0)
-            except hf_errors.GatedRepoError:
-                raise _hub_unreachable(source, "gated: accept its terms on the Hub and log in") from None
-            except hf_errors.RepositoryNotFoundError:
-                raise _hub_unreachable(source, "no such dataset repo, or it is private") from None
-            except hf_errors.RevisionNotFoundError:
-                raise _hub_unreachable(source, f"revision {revision!r} does not exist") from None
-            except hf_errors.HFValidationError as err:
-                raise _hub_unreachable(source, f"not a valid Hub id: {err}") from None
-            except Exception as err:  # connection failures surface from several HTTP stacks
-                raise _hub_unreachable(
-                    source, f"{type(err).__name__}: {err}; if it is cached, set HF_HUB_OFFLINE=1 to use the cache"
-                ) from None
-    kwargs: dict[str, Any] = {}
-    if revision is not None:
-        kwargs["revision"] = revision
-    if data_dir is not None:
-        kwargs["data_dir"] = data_dir
+def _probe_hub_dataset(path: str, revision: str | None) -> None:
+    """Raise :class:`DataError` at once for a missing folder, or a Hub dataset the Hub cannot serve."""
+    if path.startswith((".", "/", "~")) or Path(path).exists():
+        raise DataError(f"dataset folder {path!r} does not exist (or is a file): check the path")
     try:
-        loaded = datasets.load_dataset(source, config_name, **kwargs)
+        utils_hub.probe_hub_repo(path, repo_type="dataset", revision=revision)
+    except utils_hub.HubProbeError as err:
+        if err.kind == utils_hub.OFFLINE:
+            return  # datasets serves its cache, or says it cannot
+        reason = str(err)
+        if err.kind == utils_hub.GATED:
+            reason = "gated: accept its terms on the Hub and log in"
+        elif err.kind == utils_hub.NETWORK:
+            reason += "; if it is cached, set HF_HUB_OFFLINE=1 to use the cache"
+        raise _hub_unreachable(path, reason) from None
+
+
+def _load_dataset_dict(source: _Source) -> datasets.DatasetDict:
+    """``datasets.load_dataset`` after a quick reachability probe, so a missing Hub repo fails at once."""
+    if not Path(source.path).expanduser().is_dir():
+        _probe_hub_dataset(source.path, source.revision)
+    kwargs: dict[str, Any] = {}
+    if source.revision is not None:
+        kwargs["revision"] = source.revision
+    if source.data_dir is not None:
+        kwargs["data_dir"] = source.data_dir
+    try:
+        loaded = datasets.load_dataset(source.path, source.config_name, **kwargs)
     except ConnectionError as err:
-        raise _hub_unreachable(source, f"offline and not cached: {err}") from None
+        raise _hub_unreachable(source.path, f"offline and not cached: {err}") from None
     except ValueError as err:
         if "corresponds to no data" in str(err):  # datasets' words for a split whose files hold no rows
-            raise DataError(f"dataset {source!r} has an empty split ({err}): fix its data files, or pick other "
+            raise DataError(f"dataset {source.path!r} has an empty split ({err}): fix its data files, or pick other "
                             "splits with --train_split / --validation_split") from None
         raise
     except RuntimeError as err:
         if "scripts are no longer supported" in str(err):
             raise DataError(
-                f"dataset {source!r} is a loading script, which datasets {datasets.__version__} cannot run: use a "
-                "parquet copy (many script datasets have one at revision 'refs/convert/parquet') or a local folder"
+                f"dataset {source.path!r} is a loading script, which datasets {datasets.__version__} cannot run: "
+                "use a parquet copy (many script datasets have one at revision 'refs/convert/parquet') or a local "
+                "folder"
             ) from None
         raise
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
     if not isinstance(loaded, datasets.DatasetDict):
-        raise DataError(f"dataset {source!r} loaded as {type(loaded).__name__}; streaming datasets are not supported")
+        raise DataError(
+            f"dataset {source.path!r} loaded as {type(loaded).__name__}; streaming datasets are not supported"
+        )
     return loaded
+
+
+def _pick_splits(splits: datasets.DatasetDict, options: DataOptions, preset: DatasetPreset | None, source: str,
+                 notes: list[str]) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, evaluation): the named splits, else the first validation-like split, else a carve of train."""
+    train_split, validation_split = options.train_split, options.validation_split
+    if train_split not in splits:
+        raise DataError(f"split {train_split!r} not found; {source!r} has splits {list(splits)}: pass --train_split")
+    train = splits[train_split]
+    if validation_split is not None:
+        if validation_split not in splits:
+            raise DataError(
+                f"split {validation_split!r} not found; {source!r} has splits {list(splits)}: pass --validation_split"
+            )
+        return train, splits[validation_split]
+    preferred = ([preset.eval_split] if preset else []) + list(VALIDATION_SPLIT_CANDIDATES)
+    found = next((name for name in preferred if name in splits and name != train_split), None)
+    if found is not None:
+        notes.append(f"evaluating on split {found!r}")
+        return train, splits[found]
+    if len(train) < 2:
+        raise DataError(f"split {train_split!r} has {len(train)} rows: too few to carve a validation split")
+    fraction, seed = options.validation_fraction, options.seed
+    carved = train.train_test_split(test_size=fraction, seed=seed, shuffle=True)
+    train, evaluation = carved["train"], carved["test"]
+    notes.append(
+        f"no validation split: carved {fraction:.0%} of {train_split!r} with seed {seed} "
+        f"({len(train)} train / {len(evaluation)} eval)"
+    )
+    return train, evaluation
+
+
+def _pick_columns(train: datasets.Dataset, evaluation: datasets.Dataset, options: DataOptions
+                  ) -> tuple[str, str, str | None]:
+    """(image, label, name) columns: the options' names, else the first known candidate names."""
+    columns = list(train.column_names)
+    image_column = _find_column(columns, options.image_column, IMAGE_COLUMN_CANDIDATES, "image", "--image_column")
+    label_column = _find_column(columns, options.label_column, LABEL_COLUMN_CANDIDATES, "label", "--label_column")
+    if label_column == image_column:
+        raise DataError(f"image and label column are both {image_column!r}: pass --image_column/--label_column")
+    missing = [col for col in (image_column, label_column) if col not in evaluation.column_names]
+    if missing:
+        raise DataError(f"evaluation split lacks columns {missing}; it has {evaluation.column_names}")
+    name_column = next((col for col in NAME_COLUMN_CANDIDATES if col in columns), None)
+    return image_column, label_column, name_column
+
+
+def _find_column(columns: list[str], explicit: str | None, candidates: Sequence[str], what: str, flag: str) -> str:
+    if explicit is not None:
+        if explicit not in columns:
+            raise DataError(f"{what} column {explicit!r} not found; the dataset has columns {columns}: pass {flag}")
+        return explicit
+    for name in candidates:
+        if name in columns:
+            return name
+    raise DataError(
+        f"no {what} column found among {list(candidates)}; the dataset has columns {columns}: pass {flag} NAME"
+    )
+
+
+def _pick_classes(options: DataOptions, preset: DatasetPreset | None, source: _Source,
+                  notes: list[str]) -> dict[int, str]:
+    """Class names: the ``id2label`` file > the dataset's own id2label.json > the preset's table."""
+    if options.id2label is not None:
+        id2label = _read_id2label_file(options.id2label)
+        notes.append(f"classes from {options.id2label}")
+        return id2label
+    found_file = _dataset_id2label_file(source.path, source.revision)
+    if found_file is not None:
+        id2label = _read_id2label_file(found_file)
+        notes.append(f"classes from the dataset's id2label.json ({len(id2label)} classes)")
+        preset_names = [n.lower() for n in preset.id2label.values()] if preset is not None else None
+        if preset_names is not None and [n.lower() for n in id2label.values()] != preset_names:
+            notes.append(f"the dataset's id2label.json differs from the {preset.name} preset's classes; using the file")
+        return id2label
+    if preset is not None:
+        notes.append(f"classes from the {preset.name} preset ({len(preset.id2label)} classes)")
+        return dict(preset.id2label)
+    raise DataError(
+        f"no class names for {source.path!r}: it has no id2label.json; pass --id2label FILE with "
+        "{\"0\": \"name\", ...} or a --dataset preset"
+    )
 
 
 def _read_id2label_file(path: str | Path) -> dict[int, str]:
@@ -871,236 +806,60 @@ def _dataset_id2label_file(source: str, revision: str | None) -> str | None:
     if local.is_dir():
         candidate = local / "id2label.json"
         return str(candidate) if candidate.is_file() else None
-    import huggingface_hub
-
     try:
         return huggingface_hub.hf_hub_download(source, "id2label.json", repo_type="dataset", revision=revision,
-                                               etag_timeout=5.0)
+                                               etag_timeout=utils_hub.HUB_PROBE_TIMEOUT_S)
     except Exception as err:  # absent file, offline, or network trouble: all mean "not available"
         logger.debug("no id2label.json for %s: %s", source, err)
         return None
 
 
-def _find_column(columns: list[str], explicit: str | None, candidates: Sequence[str], what: str, flag: str) -> str:
-    if explicit is not None:
-        if explicit not in columns:
-            raise DataError(f"{what} column {explicit!r} not found; the dataset has columns {columns}: pass {flag}")
-        return explicit
-    for name in candidates:
-        if name in columns:
-            return name
-    raise DataError(
-        f"no {what} column found among {list(candidates)}; the dataset has columns {columns}: pass {flag} NAME"
-    )
-
-
-def _parse_size(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if not match:
-        raise DataError(f"synthetic dataset_config_name must be 'HxW' such as '128x128', got {text!r}")
-    return int(match.group(1)), int(match.group(2))
-
-
-def load_splits(
-    dataset: str | None = None,
-    dataset_name: str | None = None,
-    *,
-    dataset_config_name: str | None = None,
-    image_column: str | None = None,
-    label_column: str | None = None,
-    id2label_file: str | None = None,
-    ignore_index: int | None = None,
-    do_reduce_labels: bool | None = None,
-    train_split: str = "train",
-    validation_split: str | None = None,
-    validation_fraction: float = 0.1,
-    seed: int = 0,
-    max_train_samples: int | None = None,
-    max_eval_samples: int | None = None,
-    trust_remote_code: bool = False,
-) -> tuple[datasets.Dataset, datasets.Dataset, DataInfo]:
-    """Load train and evaluation splits and describe them.
-
-    Args:
-        dataset: A preset name (``cityscapes``, ``pascal-voc``, ``ade20k``,
-            ``camvid``, ``synthetic``) supplying classes, label mapping, crop and
-            default models.
-        dataset_name: Hub id or local folder for ``datasets.load_dataset``;
-            overrides the preset's Hub id. Alone (no preset) it loads any
-            dataset whose classes come from its ``id2label.json`` or ``id2label_file``.
-        dataset_config_name: ``datasets`` config name; for ``synthetic``, the
-            scene size as ``"HxW"``.
-        image_column / label_column: column names; auto-detected when None.
-        id2label_file: JSON ``{"0": "name", ...}`` overriding every other class source.
-        ignore_index: ignored label value (default: the preset's, else 255).
-        do_reduce_labels: force (True) or forbid (False) the ADE20K-style
-            reduction; None lets the preset decide.
-        train_split: training split name.
-        validation_split: evaluation split; None looks for validation, val,
-            valid, test in that order, then carves ``validation_fraction`` of
-            train with ``seed``.
-        max_train_samples / max_eval_samples: keep only the first N rows.
-        trust_remote_code: accepted for symmetry with the model loaders; datasets 5
-            runs no loading scripts, so it only adds a warning and a note.
-
-    Returns:
-        (train, eval, info). Image/label columns are left undecoded (raw
-        bytes/paths); the pipelines decode each sample once, in workers.
-    """
-    preset: DatasetPreset | None = None
-    if dataset is not None:
-        preset = DATASET_PRESETS.get(dataset)
-        if preset is None:
-            raise DataError(f"unknown dataset preset {dataset!r}: choose one of {', '.join(DATASET_PRESETS)}")
-    if preset is None and dataset_name is None:
-        raise DataError(
-            f"no dataset given: pass --dataset PRESET ({', '.join(DATASET_PRESETS)}) or --dataset_name PATH_OR_HUB_ID"
-        )
-    if not 0.0 < validation_fraction < 1.0:
-        raise DataError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
-    if preset is not None and preset.name == "synthetic":
-        unused = {
-            "--dataset_name": dataset_name is not None, "--image_column": image_column is not None,
-            "--label_column": label_column is not None, "--id2label": id2label_file is not None,
-            "--do_reduce_labels": bool(do_reduce_labels), "--validation_split": validation_split is not None,
-            "--train_split": train_split != "train", "--ignore_index": ignore_index not in (None, 255),
-        }
-        given = [flag for flag, used in unused.items() if used]
-        if given:
-            raise DataError(f"the synthetic preset generates its own data and classes: drop {', '.join(given)}")
-        return _load_synthetic(dataset_config_name, max_train_samples, max_eval_samples)
-
-    notes: list[str] = []
-    source = dataset_name or (preset.hub_id if preset else None)
-    if source is None:
-        assert preset is not None
-        raise DataError(
-            f"preset {preset.name!r} has no default Hub copy: pass --dataset_name with a local folder "
-            f"(e.g. ../shared/data/{preset.name}). {preset.notes}"
-        )
-    uses_preset_hub = preset is not None and dataset_name is None
-    revision = preset.hub_revision if uses_preset_hub else None
-    data_dir = preset.hub_data_dir if uses_preset_hub else None
-    config_name = dataset_config_name or (preset.hub_config_name if uses_preset_hub else None)
-    if preset is not None:
-        notes.append(f"preset {preset.name}: {preset.notes}")
-    notes.append(f"loaded {source!r}" + (f" at revision {revision}" if revision else "")
-                 + (f", folder {data_dir}" if data_dir else "") + (f", config {config_name}" if config_name else ""))
-    if trust_remote_code:
-        # datasets 5 runs no loading scripts, so the flag cannot do anything here.
-        logger.warning("trust_remote_code has no effect on datasets %s (no loading scripts)", datasets.__version__)
-        notes.append(
-            f"trust_remote_code ignored for the dataset: datasets {datasets.__version__} runs no loading scripts"
-        )
-    splits = _load_dataset_dict(source, config_name, revision=revision, data_dir=data_dir)
-
-    if train_split not in splits:
-        raise DataError(f"split {train_split!r} not found; {source!r} has splits {list(splits)}: pass --train_split")
-    train = splits[train_split]
-    if validation_split is not None:
-        if validation_split not in splits:
-            raise DataError(
-                f"split {validation_split!r} not found; {source!r} has splits {list(splits)}: pass --validation_split"
-            )
-        evaluation = splits[validation_split]
-    else:
-        preferred = ([preset.eval_split] if preset else []) + list(VALIDATION_SPLIT_CANDIDATES)
-        found = next((name for name in preferred if name in splits and name != train_split), None)
-        if found is not None:
-            evaluation = splits[found]
-            notes.append(f"evaluating on split {found!r}")
-        else:
-            if len(train) < 2:
-                raise DataError(f"split {train_split!r} has {len(train)} rows: too few to carve a validation split")
-            carved = train.train_test_split(test_size=validation_fraction, seed=seed, shuffle=True)
-            train, evaluation = carved["train"], carved["test"]
-            notes.append(
-                f"no validation split: carved {validation_fraction:.0%} of {train_split!r} with seed {seed} "
-                f"({len(train)} train / {len(evaluation)} eval)"
-            )
-
-    columns = list(train.column_names)
-    image_column = _find_column(columns, image_column, IMAGE_COLUMN_CANDIDATES, "image", "--image_column")
-    label_column = _find_column(columns, label_column, LABEL_COLUMN_CANDIDATES, "label", "--label_column")
-    if label_column == image_column:
-        raise DataError(f"image and label column are both {image_column!r}: pass --image_column/--label_column")
-    for split_ds, split_name in ((evaluation, "evaluation"),):
-        missing = [col for col in (image_column, label_column) if col not in split_ds.column_names]
-        if missing:
-            raise DataError(f"{split_name} split lacks columns {missing}; it has {split_ds.column_names}")
-    name_column = next((col for col in NAME_COLUMN_CANDIDATES if col in columns), None)
-
-    # Classes: explicit file > the dataset's own id2label.json > the preset's table.
-    if id2label_file is not None:
-        id2label = _read_id2label_file(id2label_file)
-        notes.append(f"classes from {id2label_file}")
-    else:
-        found_file = _dataset_id2label_file(source, revision)
-        if found_file is not None:
-            id2label = _read_id2label_file(found_file)
-            notes.append(f"classes from the dataset's id2label.json ({len(id2label)} classes)")
-            preset_names = [n.lower() for n in preset.id2label.values()] if preset is not None else None
-            if preset_names is not None and [n.lower() for n in id2label.values()] != preset_names:
-                notes.append(
-                    f"the dataset's id2label.json differs from the {preset.name} preset's classes; using the file"
-                )
-        elif preset is not None:
-            id2label = dict(preset.id2label)
-            notes.append(f"classes from the {preset.name} preset ({len(id2label)} classes)")
-        else:
-            raise DataError(
-                f"no class names for {source!r}: it has no id2label.json; pass --id2label FILE with "
-                "{\"0\": \"name\", ...} or a --dataset preset"
-            )
-
-    if ignore_index is None:
-        ignore_index = preset.ignore_index if preset else 255
+def _pick_mapping(options: DataOptions, preset: DatasetPreset | None, notes: list[str]) -> str:
+    """The preset's ``LABELS_*`` mapping, with reduce labels forced or disabled by ``do_reduce_labels``."""
     mapping = preset.label_handling if preset else LABELS_IDENTITY
-    if do_reduce_labels is True:
+    if options.do_reduce_labels is True:
         if mapping != LABELS_REDUCE:
             notes.append(f"reduce labels forced by do_reduce_labels=True (instead of {mapping})")
-        mapping = LABELS_REDUCE
-    elif do_reduce_labels is False and mapping == LABELS_REDUCE:
-        mapping = LABELS_IDENTITY
+        return LABELS_REDUCE
+    if options.do_reduce_labels is False and mapping == LABELS_REDUCE:
         notes.append("reduce labels disabled by do_reduce_labels=False")
-    train = _cast_undecoded(train, (image_column, label_column))
-    evaluation = _cast_undecoded(evaluation, (image_column, label_column))
-    if mapping == LABELS_CITYSCAPES_AUTO:
-        probe = [decode_label(train[i][label_column], f"{train_split} row {i}") for i in range(min(8, len(train)))]
-        kind = _cityscapes_format(probe)
-        mapping = LABELS_CITYSCAPES_LABELID if kind == "labelId" else LABELS_IDENTITY
-        notes.append(f"Cityscapes masks hold {kind}s (judged from {len(probe)} training masks)"
-                     + ("; mapping labelId -> trainId" if kind == "labelId" else "; used as they are"))
-    if 0 <= ignore_index < len(id2label):
-        raise DataError(
-            f"ignore_index {ignore_index} is a class id (0..{len(id2label) - 1}): pick a value outside the classes"
-        )
+        return LABELS_IDENTITY
+    return mapping
 
-    if max_train_samples is not None:
-        train = train.select(range(min(max_train_samples, len(train))))
+
+def _detect_cityscapes_mapping(train: datasets.Dataset, label_column: str, train_split: str,
+                               notes: list[str]) -> str:
+    """``LABELS_CITYSCAPES_LABELID`` or ``LABELS_IDENTITY``, judged from the first training masks."""
+    probe = [decode_label(train[i][label_column], f"{train_split} row {i}") for i in range(min(8, len(train)))]
+    kind = _cityscapes_format(probe)
+    notes.append(f"Cityscapes masks hold {kind}s (judged from {len(probe)} training masks)"
+                 + ("; mapping labelId -> trainId" if kind == "labelId" else "; used as they are"))
+    return LABELS_CITYSCAPES_LABELID if kind == "labelId" else LABELS_IDENTITY
+
+
+def _keep_first(train: datasets.Dataset, evaluation: datasets.Dataset, options: DataOptions,
+                notes: list[str]) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Apply ``max_train_samples`` / ``max_eval_samples``: the first N rows of each split."""
+    if options.max_train_samples is not None:
+        train = train.select(range(min(options.max_train_samples, len(train))))
         notes.append(f"kept the first {len(train)} training rows (max_train_samples)")
-    if max_eval_samples is not None:
-        evaluation = evaluation.select(range(min(max_eval_samples, len(evaluation))))
+    if options.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(options.max_eval_samples, len(evaluation))))
         notes.append(f"kept the first {len(evaluation)} evaluation rows (max_eval_samples)")
+    return train, evaluation
 
-    info = DataInfo(
+
+def _data_info(id2label: dict[int, str], ignore_index: int, mapping: str, **described: Any) -> DataInfo:
+    """A :class:`DataInfo` whose label2id, num_labels and label_transform follow from the classes and mapping."""
+    return DataInfo(
         id2label=id2label,
         label2id={name: idx for idx, name in id2label.items()},
         num_labels=len(id2label),
         ignore_index=int(ignore_index),
-        image_column=image_column,
-        label_column=label_column,
-        crop_size=preset.crop_size if preset else (512, 512),
         label_mapping=mapping,
         label_transform=_describe_mapping(mapping, int(ignore_index)),
-        notes=notes,
-        preset=preset.name if preset else None,
-        source=source,
-        name_column=name_column,
-        default_teacher=preset.default_teacher if preset else None,
-        default_student=preset.default_student if preset else None,
+        **described,
     )
-    return train, evaluation, info
 
 
 def _cast_undecoded(ds: datasets.Dataset, columns: Sequence[str]) -> datasets.Dataset:
@@ -1113,35 +872,45 @@ def _cast_undecoded(ds: datasets.Dataset, columns: Sequence[str]) -> datasets.Da
     return ds
 
 
-def _load_synthetic(config_name: str | None, max_train_samples: int | None, max_eval_samples: int | None
-                    ) -> tuple[datasets.Dataset, datasets.Dataset, DataInfo]:
+def _parse_size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match:
+        raise DataError(f"synthetic dataset_config_name must be 'HxW' such as '128x128', got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _load_synthetic(options: DataOptions) -> tuple[datasets.Dataset, datasets.Dataset, DataInfo]:
+    """The ``synthetic`` preset: scenes rendered on access by :mod:`synthetic`, the only user of that module."""
+    from synthetic import make_synthetic_splits
+
+    unused = {
+        "--dataset_name": options.dataset_name is not None, "--image_column": options.image_column is not None,
+        "--label_column": options.label_column is not None, "--id2label": options.id2label is not None,
+        "--do_reduce_labels": bool(options.do_reduce_labels),
+        "--validation_split": options.validation_split is not None,
+        "--train_split": options.train_split != "train", "--ignore_index": options.ignore_index not in (None, 255),
+    }
+    given = [flag for flag, used in unused.items() if used]
+    if given:
+        raise DataError(f"the synthetic preset generates its own data and classes: drop {', '.join(given)}")
     preset = DATASET_PRESETS["synthetic"]
-    height, width = _parse_size(config_name) if config_name else (128, 128)
-    num_train = 512 if max_train_samples is None else max(1, min(max_train_samples, 512))
-    num_eval = 64 if max_eval_samples is None else max(1, min(max_eval_samples, 64))
-    train, evaluation = make_synthetic_splits(num_train, num_eval, height=height, width=width, seed=0)
+    height, width = _parse_size(options.dataset_config_name) if options.dataset_config_name else (128, 128)
+    num_train = 512 if options.max_train_samples is None else max(1, min(options.max_train_samples, 512))
+    num_eval = 64 if options.max_eval_samples is None else max(1, min(options.max_eval_samples, 64))
+    try:
+        train, evaluation = make_synthetic_splits(num_train, num_eval, height=height, width=width, seed=0)
+    except ValueError as err:  # the renderer's own argument checks: a data problem like any other here
+        raise DataError(str(err)) from None
     notes = [
         f"preset synthetic: {preset.notes}",
         f"{num_train} train / {num_eval} eval scenes of {height}x{width}, scene seed 0",
     ]
-    info = DataInfo(
-        id2label=dict(preset.id2label),
-        label2id={name: idx for idx, name in preset.id2label.items()},
-        num_labels=len(preset.id2label),
-        ignore_index=255,
-        image_column="image",
-        label_column="label",
-        crop_size=(min(preset.crop_size[0], height), min(preset.crop_size[1], width)),
-        label_mapping=LABELS_IDENTITY,
-        label_transform=_describe_mapping(LABELS_IDENTITY, 255),
-        notes=notes,
-        preset="synthetic",
-        source="synthetic",
-        name_column="index",
-        default_teacher=preset.default_teacher,
-        default_student=preset.default_student,
+    return train, evaluation, _data_info(
+        dict(preset.id2label), 255, LABELS_IDENTITY, image_column="image", label_column="label",
+        crop_size=(min(preset.crop_size[0], height), min(preset.crop_size[1], width)), notes=notes,
+        preset="synthetic", source="synthetic", name_column="index",
+        default_teacher=preset.default_teacher, default_student=preset.default_student,
     )
-    return train, evaluation, info
 
 
 def check_split_sizes(train: Sequence | datasets.Dataset, evaluation: Sequence | datasets.Dataset,
@@ -1251,12 +1020,12 @@ class _SegmentationSource(torch.utils.data.Dataset):
         logger.warning("skipping bad sample: %s", err)
         return {"skipped": True, "index": index, "reason": str(err)}
 
-    def _normalise(self, image: torch.Tensor) -> torch.Tensor:
+    def _normalize(self, image: torch.Tensor) -> torch.Tensor:
         return (image - self.mean) / self.std
 
 
 class SegmentationTrainDataset(_SegmentationSource):
-    """Random scale, pad, crop, flip and normalise; deterministic per (seed, epoch, index).
+    """Random scale, pad, crop, flip and normalize; deterministic per (seed, epoch, index).
 
     Items: ``{"pixel_values": float (3, h, w), "labels": long (h, w)}`` with
     (h, w) = ``crop_size``, or ``{"skipped": True, ...}`` for a bad sample when
@@ -1317,11 +1086,11 @@ class SegmentationTrainDataset(_SegmentationSource):
         crop_h, crop_w = self.crop_size
         top = int(torch.randint(0, max(new_h, crop_h) - crop_h + 1, (), generator=generator))
         left = int(torch.randint(0, max(new_w, crop_w) - crop_w + 1, (), generator=generator))
-        image = self._normalise(image[:, top:top + crop_h, left:left + crop_w])
+        image = self._normalize(image[:, top:top + crop_h, left:left + crop_w])
         label = label[top:top + crop_h, left:left + crop_w]
         pad_h, pad_w = crop_h - label.shape[0], crop_w - label.shape[1]
         if pad_h or pad_w:
-            # Padding after normalisation: 0 is the mean colour; padded labels are ignored.
+            # Padding after normalization: 0 is the mean colour; padded labels are ignored.
             image = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
             label = F.pad(label, (0, pad_w, 0, pad_h), value=self.info.ignore_index)
         if float(torch.rand((), generator=generator)) < 0.5:
@@ -1358,7 +1127,7 @@ class SegmentationEvalDataset(_SegmentationSource):
                 image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False,
                                       antialias=factor < 1.0)[0]
         return {
-            "pixel_values": self._normalise(image),
+            "pixel_values": self._normalize(image),
             "labels": torch.from_numpy(_writable(label_np)),
             "ignore_index": self.info.ignore_index,
         }
@@ -1374,7 +1143,7 @@ def build_train_dataset(hf_ds: datasets.Dataset, info: DataInfo, *, crop_size: t
         hf_ds: a split from :func:`load_splits`.
         info: its :class:`DataInfo`.
         crop_size: (h, w) of every training sample.
-        mean, std: normalisation for [0, 1] RGB input (from the model's image processor).
+        mean, std: normalization for [0, 1] RGB input (from the model's image processor).
         seed: base seed; sample randomness = f(seed, epoch, index).
         scale_range: random rescale factor range.
         skip_bad_samples: drop undecodable samples (counted in batches) instead of raising.

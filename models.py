@@ -4,13 +4,13 @@ Everything model-side lives here: building a model from a ``config:`` preset, a
 local folder or a Hub id; freezing the teacher; checking that teacher, student
 and dataset agree on their classes; getting raw logits out of any
 ``AutoModelForSemanticSegmentation`` architecture; and describing the input
-normalisation a model expects.
+normalization a model expects.
 
 This module deliberately knows nothing about datasets: class lists come in as
 plain ``id2label`` dicts and pixel tensors as plain tensors.
 
 Input convention used across the toolkit: the data pipeline produces RGB images
-scaled to [0, 1] and normalised with one (mean, std) pair, normally the
+scaled to [0, 1] and normalized with one (mean, std) pair, normally the
 student's (see :func:`processor_mean_std`). A teacher that expects something
 else (another mean/std, or BGR like Apple's MobileViT checkpoints) gets its
 batch converted by :func:`make_input_adapter`.
@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import logging
 import re
-import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import huggingface_hub
 import torch
 from torch import nn
 from transformers import (
@@ -48,17 +48,14 @@ except ImportError:  # earlier releases: the plain names are the PIL/numpy proce
     from transformers import MobileViTImageProcessor as MobileViTImageProcessorPil
     from transformers import SegformerImageProcessor as SegformerImageProcessorPil
 
+import utils_hub
+
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _IDENTITY_MEAN = (0.0, 0.0, 0.0)
 _IDENTITY_STD = (1.0, 1.0, 1.0)
-
-# Seconds allowed for the single metadata request that decides whether a Hub id
-# is reachable. huggingface_hub's own loaders retry for ~20 s on network errors,
-# which is what we avoid by probing first without retries.
-HUB_PROBE_TIMEOUT_S = 5.0
 
 
 class ClassMismatchError(ValueError):
@@ -150,7 +147,7 @@ def _deeplabv3_mobilevit_small_config() -> MobileViTConfig:
 
 def _mobilevit_processor() -> MobileViTImageProcessorPil:
     # Apple's checkpoints take BGR in [0, 1] with no mean/std (their preprocessor_config
-    # sets do_flip_channel_order and no normalisation); 544 -> 512 crop.
+    # sets do_flip_channel_order and no normalization); 544 -> 512 crop.
     return MobileViTImageProcessorPil(
         do_flip_channel_order=True, size={"shortest_edge": 544}, crop_size={"height": 512, "width": 512},
     )
@@ -315,9 +312,6 @@ def _resolve_pretrained(name: str, revision: str | None, filename: str = "config
     cache can serve it). Raises :class:`ModelSourceError` in well under a second
     when neither a folder, the cache, nor the Hub can.
     """
-    import huggingface_hub
-    from huggingface_hub import errors as hf_errors
-
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / filename).is_file():
@@ -333,34 +327,18 @@ def _resolve_pretrained(name: str, revision: str | None, filename: str = "config
             f"({_presets_hint()})"
         )
     try:
-        huggingface_hub.utils.validate_repo_id(name)
-    except hf_errors.HFValidationError as err:
-        raise _unreachable(name, f"not a valid Hub id: {err}") from None
-
-    cached = huggingface_hub.try_to_load_from_cache(name, filename, revision=revision)
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
-        if isinstance(cached, str):
+        utils_hub.probe_hub_repo(name, revision=revision, filename=filename)
+        return {}
+    except utils_hub.HubProbeError as err:
+        failure = err
+    if failure.kind in (utils_hub.OFFLINE, utils_hub.NETWORK):  # the local cache may still serve it
+        if isinstance(huggingface_hub.try_to_load_from_cache(name, filename, revision=revision), str):
+            if failure.kind == utils_hub.NETWORK:
+                logger.warning("Hub unreachable (%s); loading %s from the local cache", failure, name)
             return {"local_files_only": True}
+    if failure.kind == utils_hub.OFFLINE:
         raise _unreachable(name, "HF_HUB_OFFLINE=1 and it is not in the local cache")
-    try:
-        huggingface_hub.get_hf_file_metadata(
-            huggingface_hub.hf_hub_url(name, filename, revision=revision),
-            timeout=HUB_PROBE_TIMEOUT_S,
-        )
-    except hf_errors.GatedRepoError:
-        raise _unreachable(name, "the repo is gated: accept its terms on the Hub and log in") from None
-    except hf_errors.RepositoryNotFoundError:
-        raise _unreachable(name, "no such repo, or it is private") from None
-    except hf_errors.RevisionNotFoundError:
-        raise _unreachable(name, f"revision {revision!r} does not exist") from None
-    except hf_errors.EntryNotFoundError:
-        raise _unreachable(name, f"the repo has no {filename}") from None
-    except Exception as err:  # network-level failures come from several HTTP stacks
-        if isinstance(cached, str):
-            logger.warning("Hub unreachable (%s); loading %s from the local cache", type(err).__name__, name)
-            return {"local_files_only": True}
-        raise _unreachable(name, f"{type(err).__name__}: {err}") from None
-    return {}
+    raise _unreachable(name, str(failure))
 
 
 def _is_segmentation_checkpoint(config: PreTrainedConfig) -> bool | None:
@@ -466,26 +444,14 @@ def load_model(
     )
 
 
-def _frozen_train(self: nn.Module, mode: bool = True) -> nn.Module:
-    # A frozen teacher must never switch dropout/batch-norm statistics back on,
-    # even when a training loop calls .train() on every module it holds.
-    return nn.Module.train(self, False)
-
-
-# Pickle stores a bound method as getattr(obj, __name__); naming it "train" keeps
-# torch.save(teacher) / pickle working (the copy falls back to the normal method).
-_frozen_train.__name__ = "train"
-
-
 def freeze(model: PreTrainedModel) -> PreTrainedModel:
-    """Put ``model`` in eval mode for good and stop all gradients; returns it.
+    """Put ``model`` in eval mode and stop all gradients; returns the same object.
 
-    After this, ``model.train()`` is a no-op (the model stays in eval mode), so a
-    loop that toggles every module cannot un-freeze batch-norm statistics.
+    Eval mode keeps dropout off and batch-norm statistics fixed. Nothing stops a
+    later ``model.train()``: the training loop must leave the teacher in eval mode.
     """
     model.eval()
     model.requires_grad_(False)
-    model.train = types.MethodType(_frozen_train, model)
     return model
 
 
@@ -534,7 +500,7 @@ def segmentation_logits(model: PreTrainedModel, pixel_values: torch.Tensor) -> t
 
 
 # --------------------------------------------------------------------------------------
-# Image processors and input normalisation
+# Image processors and input normalization
 # --------------------------------------------------------------------------------------
 
 
@@ -594,8 +560,8 @@ def processor_flips_channels(processor: object) -> bool:
     return bool(getattr(processor, "do_flip_channel_order", False))
 
 
-def _never_normalises(processor: object) -> bool:
-    # MobileViT's processors skip the normalise step whatever do_normalize says.
+def _never_normalizes(processor: object) -> bool:
+    # MobileViT's processors skip the normalize step whatever do_normalize says.
     return type(processor).__name__.startswith("MobileViTImageProcessor")
 
 
@@ -603,8 +569,8 @@ def processor_mean_std(processor: object) -> tuple[tuple[float, float, float], t
     """The (mean, std) to apply to [0, 1] RGB input so it matches what ``processor`` produces.
 
     Folds the processor's rescale factor in: a processor that rescales by
-    ``f`` and normalises with (m, s) is equivalent to normalising [0, 1] input
-    with (m / (255 f), s / (255 f)). A processor that does not normalise gives
+    ``f`` and normalizes with (m, s) is equivalent to normalizing [0, 1] input
+    with (m / (255 f), s / (255 f)). A processor that does not normalize gives
     the identity ((0, 0, 0), (1, 1, 1)).
 
     Channel order is not expressible as mean/std: the values returned are in
@@ -616,7 +582,7 @@ def processor_mean_std(processor: object) -> tuple[tuple[float, float, float], t
     if getattr(processor, "do_rescale", True):
         rescale = float(getattr(processor, "rescale_factor", 1 / 255) or 1 / 255)
     scale = 255.0 * rescale
-    if _never_normalises(processor) or not getattr(processor, "do_normalize", False):
+    if _never_normalizes(processor) or not getattr(processor, "do_normalize", False):
         if abs(scale - 1.0) < 1e-6:
             return _IDENTITY_MEAN, _IDENTITY_STD
         return _IDENTITY_MEAN, tuple(1.0 / scale for _ in range(3))  # type: ignore[return-value]
@@ -648,14 +614,14 @@ def make_input_adapter(
     data_std: tuple[float, float, float],
     processor: object,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Convert a batch normalised for one model into what another model expects.
+    """Convert a batch normalized for one model into what another model expects.
 
-    The data pipeline normalises [0, 1] RGB with one (mean, std), usually the
+    The data pipeline normalizes [0, 1] RGB with one (mean, std), usually the
     student's. A teacher with another convention (different mean/std, or BGR
     input like MobileViT) gets ``adapter(pixel_values)``.
 
     Args:
-        data_mean, data_std: what the batch was normalised with (RGB order).
+        data_mean, data_std: what the batch was normalized with (RGB order).
         processor: the target model's image processor.
 
     Returns:

@@ -1,7 +1,10 @@
 """Tests for data.py: loading, label mappings, decoding, augmentation, collation. Offline, tiny images."""
 
+import argparse
 import io
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -71,15 +74,33 @@ def first_eval_label(train_or_eval: datasets.Dataset, info: data.DataInfo, index
     return sample["labels"].numpy()
 
 
-def denormalise(pixel_values: torch.Tensor) -> torch.Tensor:
+def denormalize(pixel_values: torch.Tensor) -> torch.Tensor:
     return pixel_values * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def test_options_come_from_argparse_flags_of_the_same_name():
+    parser = argparse.ArgumentParser()
+    for flag in ("--dataset_name", "--id2label", "--learning_rate"):
+        parser.add_argument(flag)
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args(["--dataset_name", "folder", "--id2label", "classes.json", "--seed", "7"])
+    # Flags the parser lacks keep their defaults; flags DataOptions lacks are left alone.
+    assert data.DataOptions.from_args(args) == data.DataOptions(dataset_name="folder", id2label="classes.json", seed=7)
+
+
+def test_importing_data_does_not_load_the_scene_renderer():
+    code = "import sys, data; assert 'synthetic' not in sys.modules, 'import data loaded synthetic'"
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, check=True)
 
 
 # ----------------------------------------------------------------------------- real data
 
 
 def test_camvid_loads_with_its_classes_and_splits():
-    train, evaluation, info = data.load_splits(dataset_name=str(CAMVID))
+    train, evaluation, info = data.load_splits(data.DataOptions(dataset_name=str(CAMVID)))
     assert (len(train), len(evaluation)) == (367, 101)
     assert info.num_labels == 11
     assert info.id2label == {int(k): v for k, v in json.loads((CAMVID / "id2label.json").read_text()).items()}
@@ -90,8 +111,8 @@ def test_camvid_loads_with_its_classes_and_splits():
 
 
 def test_camvid_batches_are_aligned_through_workers():
-    train, evaluation, info = data.load_splits("camvid", dataset_name=str(CAMVID), max_train_samples=4,
-                                               max_eval_samples=2)
+    train, evaluation, info = data.load_splits(data.DataOptions(dataset="camvid", dataset_name=str(CAMVID),
+                                                                max_train_samples=4, max_eval_samples=2))
     raw = [(np.asarray(Image.open(io.BytesIO(train[i]["image"]["bytes"])).convert("RGB")),
             np.asarray(Image.open(io.BytesIO(train[i]["label"]["bytes"])))) for i in range(4)]
     # Scale 1 and a full-size crop leave only the flip random: each sample must be raw or
@@ -104,7 +125,7 @@ def test_camvid_batches_are_aligned_through_workers():
     flips = set()
     for i, (image, label) in enumerate(raw):
         batch = batches[i // 2]
-        got_image = (denormalise(batch["pixel_values"][i % 2]) * 255).round().permute(1, 2, 0).numpy()
+        got_image = (denormalize(batch["pixel_values"][i % 2]) * 255).round().permute(1, 2, 0).numpy()
         got_label = batch["labels"][i % 2].numpy()
         flipped = not np.array_equal(got_label, label)
         flips.add(flipped)
@@ -140,7 +161,8 @@ def test_cityscapes_preset_detects_label_ids_and_leaves_train_ids(tmp_path):
     label_id_mask[4:, :3] = 26  # car
     label_id_mask[0, 0] = 0  # unlabeled
     folder = simple_dataset(tmp_path / "ids", [label_id_mask] * 3)
-    train, _, info = data.load_splits("cityscapes", dataset_name=str(folder), validation_fraction=0.34)
+    options = data.DataOptions(dataset="cityscapes", dataset_name=str(folder), validation_fraction=0.34)
+    train, _, info = data.load_splits(options)
     assert info.label_mapping == data.LABELS_CITYSCAPES_LABELID and info.num_labels == 19
     label = first_eval_label(train, info)
     assert set(np.unique(label)) == {0, 10, 13, 255}
@@ -149,7 +171,8 @@ def test_cityscapes_preset_detects_label_ids_and_leaves_train_ids(tmp_path):
     train_id_mask = np.where(label_id_mask == 7, 0, np.where(label_id_mask == 23, 10, 13))
     train_id_mask[0, 0] = 255
     folder = simple_dataset(tmp_path / "train_ids", [train_id_mask] * 3)
-    train, _, info = data.load_splits("cityscapes", dataset_name=str(folder), validation_fraction=0.34)
+    options = data.DataOptions(dataset="cityscapes", dataset_name=str(folder), validation_fraction=0.34)
+    train, _, info = data.load_splits(options)
     assert info.label_mapping == data.LABELS_IDENTITY
     assert np.array_equal(first_eval_label(train, info), train_id_mask)
     assert any("trainIds" in note for note in info.notes)
@@ -160,10 +183,10 @@ def test_ade20k_reduces_labels(tmp_path):
     values = np.array([[0, 1, 2], [150, 3, 0]])
     folder = simple_dataset(tmp_path / "ade", [values] * 2, validation={
         "image": [png_bytes(rgb(2, 3))], "label": [png_bytes(mask(values))], "name": ["v"]})
-    train, _, info = data.load_splits("ade20k", dataset_name=str(folder))
+    train, _, info = data.load_splits(data.DataOptions(dataset="ade20k", dataset_name=str(folder)))
     assert info.num_labels == 150 and info.label_mapping == data.LABELS_REDUCE
     assert first_eval_label(train, info).tolist() == [[255, 0, 1], [149, 2, 255]]
-    _, _, plain = data.load_splits("ade20k", dataset_name=str(folder), do_reduce_labels=False)
+    _, _, plain = data.load_splits(data.DataOptions(dataset="ade20k", dataset_name=str(folder), do_reduce_labels=False))
     assert plain.label_mapping == data.LABELS_IDENTITY
 
 
@@ -173,7 +196,7 @@ def test_pascal_voc_keeps_palette_indices_and_255_boundaries(tmp_path):
     values[1, 1:7] = 255  # boundary
     folder = simple_dataset(tmp_path / "voc", [values] * 2, mode="P", val={
         "image": [png_bytes(rgb(8, 8))], "label": [png_bytes(mask(values, "P"))], "name": ["v"]})
-    train, evaluation, info = data.load_splits("pascal-voc", dataset_name=str(folder))
+    train, evaluation, info = data.load_splits(data.DataOptions(dataset="pascal-voc", dataset_name=str(folder)))
     assert info.num_labels == 21 and info.ignore_index == 255
     assert len(evaluation) == 1 and any("'val'" in note for note in info.notes)
     assert np.array_equal(first_eval_label(train, info), values)
@@ -206,7 +229,8 @@ def test_unusual_image_modes_are_converted(tmp_path):
     folder = write_dataset(tmp_path / "modes", {"train": {
         "image": [png_bytes(im) for im in images], "label": [png_bytes(lb) for lb in labels],
         "name": ["L", "RGBA", "P", "I16"]}}, id2label={i: f"c{i}" for i in range(400)})
-    train, evaluation, _ = data.load_splits(dataset_name=str(folder), validation_fraction=0.25, ignore_index=1000)
+    options = data.DataOptions(dataset_name=str(folder), validation_fraction=0.25, ignore_index=1000)
+    train, evaluation, _ = data.load_splits(options)
     full = datasets.concatenate_datasets([train, evaluation])
     decoded = {}
     for i in range(len(full)):
@@ -240,7 +264,7 @@ def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path):
     }
     folder = write_dataset(tmp_path / "corrupt", {"train": columns, "validation": columns},
                            id2label={0: "a", 1: "b"})
-    _, evaluation, info = data.load_splits(dataset_name=str(folder))
+    _, evaluation, info = data.load_splits(data.DataOptions(dataset_name=str(folder)))
     strict = data.build_train_dataset(evaluation, info, crop_size=(4, 4), mean=MEAN, std=STD, seed=0)
     with pytest.raises(data.BadSampleError, match=r"row 1 \(name='frame_001'\).*cannot decode"):
         strict[1]
@@ -258,7 +282,7 @@ def test_image_and_label_of_different_sizes_name_the_sample(tmp_path):
     columns = {"image": [png_bytes(rgb(4, 6))] * 2, "label": [png_bytes(mask(np.zeros((4, 5))))] * 2,
                "name": ["a", "b"]}
     folder = write_dataset(tmp_path / "sizes", {"train": columns}, id2label={0: "x"})
-    train, _, info = data.load_splits(dataset_name=str(folder), validation_fraction=0.5)
+    train, _, info = data.load_splits(data.DataOptions(dataset_name=str(folder), validation_fraction=0.5))
     with pytest.raises(data.BadSampleError, match=r"row 0 \(name='.'\).*6x4 but its label is 5x4"):
         data.build_eval_dataset(train, info, mean=MEAN, std=STD)[0]
 
@@ -271,17 +295,18 @@ def test_missing_column_lists_the_columns(tmp_path):
         "picture": [png_bytes(rgb(4, 4))] * 2, "target": [png_bytes(mask(np.zeros((4, 4))))] * 2}},
         id2label={0: "x"})
     with pytest.raises(data.DataError) as info:
-        data.load_splits(dataset_name=str(folder))
+        data.load_splits(data.DataOptions(dataset_name=str(folder)))
     assert "['picture', 'target']" in str(info.value) and "--image_column" in str(info.value)
     with pytest.raises(data.DataError, match="label column 'gt' not found.*'picture', 'target'"):
-        data.load_splits(dataset_name=str(folder), image_column="picture", label_column="gt")
-    train, _, info = data.load_splits(dataset_name=str(folder), image_column="picture", label_column="target")
+        data.load_splits(data.DataOptions(dataset_name=str(folder), image_column="picture", label_column="gt"))
+    options = data.DataOptions(dataset_name=str(folder), image_column="picture", label_column="target")
+    train, _, info = data.load_splits(options)
     assert (info.image_column, info.label_column) == ("picture", "target")
 
 
 def test_unknown_preset_lists_presets():
     with pytest.raises(data.DataError) as info:
-        data.load_splits("kitti")
+        data.load_splits(data.DataOptions(dataset="kitti"))
     for name in ("cityscapes", "pascal-voc", "ade20k", "camvid", "synthetic"):
         assert name in str(info.value)
 
@@ -289,20 +314,21 @@ def test_unknown_preset_lists_presets():
 def test_missing_class_names_ask_for_id2label(tmp_path):
     folder = simple_dataset(tmp_path / "nolabels", [np.zeros((4, 4))] * 2)
     with pytest.raises(data.DataError, match="--id2label FILE"):
-        data.load_splits(dataset_name=str(folder))
+        data.load_splits(data.DataOptions(dataset_name=str(folder)))
     names = tmp_path / "classes.json"
     names.write_text(json.dumps(["background", "thing"]))
-    _, _, info = data.load_splits(dataset_name=str(folder), id2label_file=str(names))
+    _, _, info = data.load_splits(data.DataOptions(dataset_name=str(folder), id2label=str(names)))
     assert info.id2label == {0: "background", 1: "thing"}
 
 
 def test_no_validation_split_is_carved_reproducibly_with_a_note(tmp_path):
     folder = simple_dataset(tmp_path / "trainonly", [np.zeros((4, 4))] * 20)
     (folder / "id2label.json").write_text(json.dumps({"0": "x"}))
-    train, evaluation, info = data.load_splits(dataset_name=str(folder), seed=5)
+    train, evaluation, info = data.load_splits(data.DataOptions(dataset_name=str(folder), seed=5))
     assert (len(train), len(evaluation)) == (18, 2)
     assert any("no validation split: carved 10%" in note and "seed 5" in note for note in info.notes)
-    _, again, again_info = data.load_splits(dataset_name=str(folder), seed=5, trust_remote_code=True)
+    _, again, again_info = data.load_splits(
+        data.DataOptions(dataset_name=str(folder), seed=5, trust_remote_code=True))
     assert evaluation["name"] == again["name"]
     assert any("trust_remote_code ignored" in note for note in again_info.notes)
     assert not set(evaluation["name"]) & set(train["name"])
@@ -312,14 +338,31 @@ def test_hub_dataset_fails_fast_offline():
     for kwargs in ({"dataset_name": "someone/some-segmentation-set"}, {"dataset": "ade20k"}):
         start = time.monotonic()
         with pytest.raises(data.DataError) as info:
-            data.load_splits(**kwargs)
+            data.load_splits(data.DataOptions(**kwargs))
         assert time.monotonic() - start < 5.0
         assert "could not be fetched from the Hub" in str(info.value) and "hf auth login" in str(info.value)
 
 
+def test_hub_dataset_fails_fast_when_network_is_down(monkeypatch):
+    import huggingface_hub
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", unreachable)
+    start = time.monotonic()
+    with pytest.raises(data.DataError) as info:
+        data.load_splits(data.DataOptions(dataset_name="someone/some-segmentation-set"))
+    assert time.monotonic() - start < 5.0
+    message = str(info.value)
+    assert "could not be fetched from the Hub" in message and "Name or service not known" in message
+    assert "set HF_HUB_OFFLINE=1 to use the cache" in message
+
+
 def test_preset_without_hub_copy_asks_for_a_folder():
     with pytest.raises(data.DataError, match="pass --dataset_name"):
-        data.load_splits("camvid")
+        data.load_splits(data.DataOptions(dataset="camvid"))
 
 
 def test_split_size_checks():
@@ -366,7 +409,7 @@ def test_augmentation_keeps_image_and_label_aligned():
             label = sample["labels"]
             assert sample["pixel_values"].shape == (3, 48, 48) and label.shape == (48, 48)
             assert sample["pixel_values"].dtype == torch.float32 and label.dtype == torch.long
-            colours = denormalise(sample["pixel_values"]).permute(1, 2, 0).numpy()
+            colours = denormalize(sample["pixel_values"]).permute(1, 2, 0).numpy()
             distance = np.linalg.norm(colours[:, :, None, :] - PALETTE[None, None], axis=-1)
             from_colour = distance.argmin(-1)
             valid = label.numpy() != 255
@@ -405,49 +448,3 @@ def test_eval_collate_pads_images_and_labels():
     assert batch["image_sizes"].tolist() == [[4, 6], [5, 3]] and batch["label_sizes"].tolist() == [[8, 12], [10, 6]]
     assert batch["pixel_values"][1, :, :, 3:].abs().sum() == 0 and batch["labels"][0, 8:].eq(99).all()
     assert batch["labels"][1, :, 6:].eq(99).all() and int(batch["num_skipped"]) == 0
-
-
-# ----------------------------------------------------------------------------- synthetic
-
-
-def test_synthetic_scenes_are_deterministic_and_cover_every_class():
-    image, label = data.render_synthetic_scene(0, 5, 96, 160)
-    again_image, again_label = data.render_synthetic_scene(0, 5, 96, 160)
-    assert image.shape == (96, 160, 3) and label.shape == (96, 160) and image.dtype == np.uint8
-    assert np.array_equal(image, again_image) and np.array_equal(label, again_label)
-    assert not np.array_equal(image, data.render_synthetic_scene(0, 6, 96, 160)[0])
-    assert not np.array_equal(image, data.render_synthetic_scene(1, 5, 96, 160)[0])
-
-    train, evaluation, info = data.load_splits("synthetic")
-    assert (len(train), len(evaluation)) == (512, 64) and info.num_labels == len(data.SYNTHETIC_CLASSES) >= 8
-    assert info.crop_size == (128, 128) and info.default_student == "config:segformer-tiny"
-    seen = np.zeros(info.num_labels, dtype=bool)
-    for i in range(24):
-        values = np.unique(train[i]["label"])
-        seen[values[values != 255]] = True
-        assert values.max() == 255 or values.max() < info.num_labels
-    assert seen.all()
-    # Spatial relations that make the classes' context meaningful.
-    rows = np.arange(128)[:, None]
-    sky_rows, road_rows = [], []
-    for i in range(8):
-        lab = train[i]["label"]
-        sky_rows.append(np.broadcast_to(rows, lab.shape)[lab == 0].mean())
-        road_rows.append(np.broadcast_to(rows, lab.shape)[lab == 2].mean())
-    assert np.mean(sky_rows) < 40 < 80 < np.mean(road_rows)
-
-
-def test_synthetic_splits_are_disjoint_and_sizable():
-    train, evaluation, info = data.load_splits("synthetic", dataset_config_name="64x96", max_train_samples=10,
-                                               max_eval_samples=3)
-    assert (len(train), len(evaluation)) == (10, 3)
-    assert train[0]["image"].shape == (64, 96, 3) and info.crop_size == (64, 96)
-    train_ids = {train[i]["index"] for i in range(len(train))}
-    eval_ids = {evaluation[i]["index"] for i in range(len(evaluation))}
-    assert not train_ids & eval_ids
-    batch = data.train_collate([data.build_train_dataset(train, info, crop_size=(64, 64), mean=MEAN, std=STD,
-                                                         seed=0)[i] for i in range(2)])
-    assert batch["pixel_values"].shape == (2, 3, 64, 64)
-    data.check_labels(batch["labels"], info.num_labels, info.ignore_index)
-    with pytest.raises(data.DataError, match="drop --dataset_name, --id2label"):
-        data.load_splits("synthetic", dataset_name="x", id2label_file="y.json")

@@ -88,21 +88,24 @@ def test_id2label_must_be_contiguous():
         models.load_model("config:segformer-tiny", {0: "a", 2: "b"})
 
 
-def test_load_teacher_freezes_and_stays_in_eval_mode():
+def test_load_teacher_is_frozen_in_eval_mode_and_keeps_its_batch_norm_statistics():
     with pytest.warns(UserWarning, match="random weights"):
         teacher = models.load_teacher("config:segformer-tiny", CLASSES_5)
     assert not any(p.requires_grad for p in teacher.parameters())
-    assert not teacher.training
-    teacher.train()
     assert not teacher.training and not any(m.training for m in teacher.modules())
+    norms = [m for m in teacher.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
     x = torch.randn(2, 3, 64, 64)
     assert torch.equal(models.segmentation_logits(teacher, x), models.segmentation_logits(teacher, x))
+    for norm, state in zip(norms, before):
+        assert all(torch.equal(norm.state_dict()[k], v) for k, v in state.items())
 
 
-def test_freeze_leaves_count_unchanged_and_no_trainable_parameter():
+def test_freeze_returns_the_model_with_count_unchanged_and_no_trainable_parameter():
     model = _tiny_student()
     before = models.count_parameters(model)
-    models.freeze(model)
+    assert models.freeze(model) is model
     assert models.count_parameters(model) == before
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 0
 
@@ -267,8 +270,8 @@ def test_input_adapter_converts_between_conventions():
     mobilevit = models.load_image_processor("config:mobilevit-s")
     mean, std = models.processor_mean_std(segformer)
     x01 = torch.rand(2, 3, 8, 8)
-    normalised = (x01 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    normalized = (x01 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     to_mobilevit = models.make_input_adapter(mean, std, mobilevit)
-    assert torch.allclose(to_mobilevit(normalised), x01.flip(1), atol=1e-5)
+    assert torch.allclose(to_mobilevit(normalized), x01.flip(1), atol=1e-5)
     same = models.make_input_adapter(mean, std, segformer)
-    assert same(normalised) is normalised
+    assert same(normalized) is normalized

@@ -8,57 +8,58 @@
 ``--distill`` picks the objective: ``none`` (the student alone, also how a teacher is trained), ``kd``,
 ``cwd``, ``ickd`` (baselines), ``icsd`` (CE + ICSD + KD with fixed weights) and ``aicsd`` (the same under
 Adaptive Loss Weighting). Mixed precision, several GPUs and several nodes come from Accelerate.
+
+This file is the recipe; checkpoints, stop requests, the non-finite guard and the one-line errors live in
+``utils_training.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
-import gc
 import json
 import logging
 import math
-import multiprocessing
-import os
-import pickle
 import re
-import shutil
-import signal
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from torch.utils.data import BatchSampler, DataLoader, Sampler, Subset
+from torch.utils.data import BatchSampler, DataLoader, Subset
 from tqdm.auto import tqdm
 
 import alw
 import data
 import losses
 import models
+import utils_training as utils
+from utils_training import UsageError
 
 logger = get_logger(__name__)
 
-DISTILL_MODES = ("none", "kd", "cwd", "ickd", "icsd", "aicsd")
+# The logged terms of each objective, as step_losses returns them ("loss", the total, is logged first).
+LOSS_TERMS: dict[str, tuple[str, ...]] = {
+    "none": ("ce",),
+    "kd": ("ce", "kd", "raw_kd"),
+    "cwd": ("ce", "cwd", "raw_cwd"),
+    "ickd": ("ce", "ickd", "raw_ickd"),
+    "icsd": ("ce", "ics", "kd", "raw_ce", "raw_ics", "raw_kd"),
+    "aicsd": ("ce", "ics", "kd", "raw_ce", "raw_ics", "raw_kd"),
+}
+DISTILL_MODES = tuple(LOSS_TERMS)
 SCHEDULERS = ("poly", "linear", "cosine", "constant")
-CHECKPOINT_DIR = "checkpoints"
-STATE_FILE = "training_state.json"
 PREFLIGHT_SAMPLES = 8  # per split, decoded and checked before any model is loaded
-
-
-class UsageError(ValueError):
-    """A problem with the user's input, reported as one line before any training step."""
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------------------
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=None, help=f"Preset: one of {sorted(data.DATASET_PRESETS)}.")
@@ -169,67 +170,22 @@ def _resolve_defaults(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Data order and learning-rate schedule: pure functions of counters, so a resumed run is exact
+# The objective of each --distill mode
 # ---------------------------------------------------------------------------------------------------------
-class EpochShuffleSampler(Sampler[int]):
-    """A permutation of ``range(n)`` drawn from ``(seed, epoch)`` only.
-
-    Every process draws the same permutation (Accelerate then gives each its share of the batches), and a
-    resumed run draws the one an uninterrupted run would. Nothing is taken from the global RNG.
-    """
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.n
-
-
-def lr_factor(step: int, total: int, kind: str, warmup: int = 0, power: float = 0.9) -> float:
-    """Multiplier of the base learning rate at optimizer step ``step`` (0-based) of ``total``."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = min(max((step - warmup) / max(total - warmup, 1), 0.0), 1.0)
-    if kind == "poly":
-        return (1.0 - progress) ** power
-    if kind == "linear":
-        return 1.0 - progress
-    if kind == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return 1.0
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Losses of one step
-# ---------------------------------------------------------------------------------------------------------
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Mean CE over valid pixels of ``logits`` (B, C, h, w) upsampled to ``labels`` (B, H, W); 0 if none is valid.
-
-    (transformers' own loss divides by the number of valid pixels without a floor: NaN for an all-ignore batch.)
-    """
-    logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
-    count = (labels != ignore_index).sum().clamp_min(1)
-    return total / count
-
-
 def step_losses(
     args: argparse.Namespace,
     s_logits: torch.Tensor,
-    t_logits: Optional[torch.Tensor],
+    t_logits: torch.Tensor | None,
     labels: torch.Tensor,
     ignore_index: int,
     alpha: float,
-) -> tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """The training objective of ``--distill`` and the weighted terms for logging (raw terms under ``raw_*``)."""
-    ce = cross_entropy(s_logits, labels, ignore_index)
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training loss of ``--distill`` and its terms for logging, named as in :data:`LOSS_TERMS`.
+
+    ``s_logits`` (B, C, hs, ws), ``t_logits`` (B, C, ht, wt) or None for ``none``, ``labels`` (B, H, W). The
+    logged terms are weighted as they enter the loss; the unweighted ones are logged as ``raw_*``.
+    """
+    ce = losses.masked_cross_entropy(s_logits, labels, ignore_index)
     valid = labels != ignore_index
     T, mode = args.temperature, args.distill
     if mode == "none":
@@ -256,15 +212,8 @@ def step_losses(
 # ---------------------------------------------------------------------------------------------------------
 # Evaluation: a confusion matrix on the device, summed over processes
 # ---------------------------------------------------------------------------------------------------------
-def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_labels: int, ignore_index: int) -> torch.Tensor:
-    """``cm[true, pred]`` counts (C, C) int64 over pixels whose label is not ``ignore_index``."""
-    keep = label != ignore_index
-    idx = label[keep].long() * num_labels + pred[keep].long()
-    return torch.bincount(idx, minlength=num_labels * num_labels).view(num_labels, num_labels)
-
-
 @torch.no_grad()
-def predict_batch(model: torch.nn.Module, batch: Dict[str, torch.Tensor], adapter: Callable) -> List[torch.Tensor]:
+def predict_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], adapter: Callable) -> list[torch.Tensor]:
     """Argmax predictions at each label's full resolution, undoing eval padding and resizing."""
     pixel_values = batch["pixel_values"]
     logits = models.segmentation_logits(model, adapter(pixel_values)).float()
@@ -305,7 +254,7 @@ def evaluate(
             preds = predict_batch(model, batch, adapter)
         for b, pred in enumerate(preds):
             lh, lw = batch["label_sizes"][b].tolist()
-            cm += confusion_matrix(pred, batch["labels"][b, :lh, :lw], num_labels, ignore_index)
+            cm += utils.confusion_matrix(pred, batch["labels"][b, :lh, :lw], num_labels, ignore_index)
     model.train(was_training)
     skipped = int(accelerator.reduce(torch.tensor(skipped, device=accelerator.device), reduction="sum"))
     if skipped:
@@ -313,116 +262,10 @@ def evaluate(
     return accelerator.reduce(cm, reduction="sum"), skipped
 
 
-def metrics_from_confusion(cm: torch.Tensor) -> Dict[str, object]:
-    """``mean_iou``, ``mean_accuracy``, ``overall_accuracy``, ``per_category_iou``, ``per_category_accuracy``.
-
-    Named and defined as in ``evaluate``'s ``mean_iou``: a class absent from both labels and predictions has
-    IoU NaN (None in the output) and is left out of the means; accuracy is per ground-truth class.
-    """
-    cm = cm.double().cpu()
-    tp = cm.diag()
-    label_area, pred_area = cm.sum(dim=1), cm.sum(dim=0)
-    union = label_area + pred_area - tp
-    iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
-    acc = torch.where(label_area > 0, tp / label_area.clamp_min(1), torch.full_like(tp, float("nan")))
-
-    def nanmean(x: torch.Tensor) -> Optional[float]:
-        x = x[~torch.isnan(x)]
-        return float(x.mean()) if x.numel() else None
-
-    return {
-        "mean_iou": nanmean(iou),
-        "mean_accuracy": nanmean(acc),
-        "overall_accuracy": float(tp.sum() / label_area.sum()) if label_area.sum() > 0 else None,
-        "per_category_iou": [None if math.isnan(v) else float(v) for v in iou.tolist()],
-        "per_category_accuracy": [None if math.isnan(v) else float(v) for v in acc.tolist()],
-    }
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints: written to a hidden folder, then renamed, so `latest` never picks a half-written one
-# ---------------------------------------------------------------------------------------------------------
-_CKPT_RE = re.compile(r"^step_(\d+)$")
-
-
-def list_checkpoints(output_dir: str) -> List[Path]:
-    root = Path(output_dir) / CHECKPOINT_DIR
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _CKPT_RE.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(_CKPT_RE.match(p.name).group(1)))
-
-
-def check_finite_model(model: torch.nn.Module, what: str) -> None:
-    """Raise FloatingPointError (one line for the user) if ``model`` holds NaN/Inf: such a model is never saved."""
-    # A finite loss can still give a non-finite update (an overflowing gradient, a huge learning rate); with
-    # --skip_nonfinite_steps the run would then skip every later step. The previous checkpoint stays as it is.
-    bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
-    if bad is not None:
-        raise FloatingPointError(
-            f"refusing to save {what}: the model holds NaN/Inf (first in {bad}); lower --learning_rate or set "
-            "--max_grad_norm, then resume from the last checkpoint")
-
-
-def save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, output_dir: str, state: dict,
-                    total_limit: Optional[int]) -> Path:
-    check_finite_model(model, f"the checkpoint of step {state['completed_steps']}")
-    root = Path(output_dir) / CHECKPOINT_DIR
-    final = root / f"step_{state['completed_steps']:08d}"
-    tmp = root / f".tmp-{final.name}"
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        # The state file goes last: a folder without it is never taken for a checkpoint.
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        if total_limit is not None:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
-                (old / STATE_FILE).unlink()  # first: a half-deleted folder is then never taken for a checkpoint
-                shutil.rmtree(old, ignore_errors=True)
-        for stale in root.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def _fsync_dir(path: Path) -> None:
-    for f in [path, *path.iterdir()] if path.is_dir() else [path]:
-        try:
-            fd = os.open(f, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def resolve_resume(args: argparse.Namespace) -> Optional[Path]:
-    if args.resume_from_checkpoint is None:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        found = list_checkpoints(args.output_dir)
-        if not found:
-            logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}; starting fresh")
-            return None
-        return found[-1]
-    path = Path(args.resume_from_checkpoint)
-    if not (path / STATE_FILE).is_file():
-        raise UsageError(f"--resume_from_checkpoint {path}: not a complete checkpoint folder (no {STATE_FILE})")
-    return path
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Output: the student, its processor, metrics and a model card; optionally pushed to the Hub
 # ---------------------------------------------------------------------------------------------------------
-def write_model_card(args: argparse.Namespace, info: "data.DataInfo", results: dict, n_params: int) -> str:
+def write_model_card(args: argparse.Namespace, info: data.DataInfo, results: dict, n_params: int) -> str:
     names = [info.id2label[i] for i in range(info.num_labels)]
     ious = results.get("eval_per_category_iou") or [None] * len(names)
     method = {
@@ -435,7 +278,7 @@ def write_model_card(args: argparse.Namespace, info: "data.DataInfo", results: d
                   f"(λ_ics={args.lambda_ics}, λ_kd={args.lambda_kd}, T={args.temperature})"),
     }[args.distill]
 
-    def pct(v: Optional[float]) -> str:
+    def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{100 * v:.2f}"
 
     dataset = info.source or args.dataset_name or args.dataset
@@ -487,7 +330,7 @@ processor = AutoImageProcessor.from_pretrained("{args.hub_model_id or args.outpu
 """
 
 
-def _redact(argv: Sequence[str]) -> List[str]:
+def _redact(argv: Sequence[str]) -> list[str]:
     # No flag takes a token, but a user may still paste one into a path or id: never publish it.
     return [re.sub(r"hf_[A-Za-z0-9]{20,}", "hf_***", a) for a in argv]
 
@@ -501,67 +344,15 @@ def push_to_hub(args: argparse.Namespace) -> None:
         repo_id=repo.repo_id,
         folder_path=args.output_dir,
         commit_message=f"AICSD student ({args.distill})",
-        ignore_patterns=[f"{CHECKPOINT_DIR}/*", "runs/*", "*.tmp*"],
+        ignore_patterns=[f"{utils.CHECKPOINT_DIR}/*", "runs/*", "*.tmp*"],
     )
     logger.info(f"pushed {args.output_dir} to https://huggingface.co/{repo.repo_id}")
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Signals: SIGTERM (preemption) asks for a checkpoint and a clean exit at the next step boundary
-# ---------------------------------------------------------------------------------------------------------
-_STOP_REQUESTED = False
-
-
-def _on_sigterm(signum, frame) -> None:  # noqa: ARG001
-    global _STOP_REQUESTED
-    _STOP_REQUESTED = True
-
-
-def _worker_init(_: int) -> None:
-    # Workers must outlive a SIGTERM sent to the whole process group until the main process has saved.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def _kill_dataloader_workers() -> None:
-    # For a process that is about to exit. After an error, a DataLoader iterator may still hold its workers:
-    # at exit, multiprocessing stops such daemonic children with SIGTERM, which ours ignore, and then joins
-    # them - forever; and torch's own shutdown, when garbage collection gets to the iterator, waits 5-10 s.
-    if hasattr(signal, "SIGCHLD"):  # torch's handler would report the kills as worker crashes
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
-            child.join()
-
-
-def _follow_launcher_sigterm() -> None:
-    """Under a single-process ``accelerate launch``, receive SIGTERM when the launcher dies.
-
-    That launcher waits on this process but does not forward SIGTERM to it (torchrun, which Accelerate uses
-    for several processes, does): without this, a SIGTERM sent to the launcher alone would leave this
-    process training on as an orphan instead of saving a checkpoint. Linux only (prctl PR_SET_PDEATHSIG).
-    """
-    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" in os.environ:
-        return
-    parent = os.getppid()
-    try:
-        parent_argv = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")[:3]
-    except OSError:
-        return
-    if not any(b"accelerate" in arg for arg in parent_argv):  # `accelerate launch`, `-m accelerate.commands.launch`
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) == 0:
-        if os.getppid() != parent:  # the launcher died before prctl took effect
-            _on_sigterm(signal.SIGTERM, None)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Before the first step: a few samples of each split, decoded and checked on CPU
 # ---------------------------------------------------------------------------------------------------------
-def preflight(train_hf, eval_hf, info: "data.DataInfo", skip_bad_samples: bool) -> None:
+def preflight(train_hf, eval_hf, info: data.DataInfo, skip_bad_samples: bool) -> None:
     """Decode ``PREFLIGHT_SAMPLES`` samples spread over each split, as the pipelines will.
 
     Problems that affect a whole dataset (label values outside the classes, images and masks of different
@@ -576,295 +367,122 @@ def preflight(train_hf, eval_hf, info: "data.DataInfo", skip_bad_samples: bool) 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# main
+# The pieces main() puts together
 # ---------------------------------------------------------------------------------------------------------
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = parse_args(argv)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to if args.with_tracking else None,
-        project_dir=args.output_dir,
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if not accelerator.is_local_main_process:
-        logging.getLogger().setLevel(logging.WARNING)
-    logger.info(accelerator.state, main_process_only=False)
-    set_seed(args.seed)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    _follow_launcher_sigterm()
-    atexit.register(_kill_dataloader_workers)  # registered after multiprocessing's atexit handler: runs before it
-    if accelerator.is_main_process:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+def load_models(args: argparse.Namespace, info: data.DataInfo, accelerator: Accelerator) -> dict:
+    """Student (trainable) and teacher (frozen, on the device, never wrapped in DDP), with their input adapters.
 
-    # Load dataset
-    train_hf, eval_hf, info = data.load_splits(
-        args.dataset,
-        args.dataset_name,
-        dataset_config_name=args.dataset_config_name,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        id2label_file=args.id2label,
-        ignore_index=args.ignore_index,
-        do_reduce_labels=args.do_reduce_labels,
-        train_split=args.train_split,
-        validation_split=args.validation_split,
-        seed=args.seed,
-        max_train_samples=args.max_train_samples,
-        max_eval_samples=args.max_eval_samples,
-        trust_remote_code=args.trust_remote_code,
-    )
-    for note in info.notes:
-        logger.info(note)
-    crop_size = args.crop_size or info.crop_size
-    data.check_split_sizes(train_hf, eval_hf, args.per_device_train_batch_size, accelerator.num_processes)
-    preflight(train_hf, eval_hf, info, args.skip_bad_samples)
-
-    # Load models
+    Returns a dict with ``student``, ``processor`` (the student's image processor), ``student_adapter``,
+    ``teacher`` and ``teacher_adapter`` (both None when the run needs no teacher), ``mean``/``std`` (the
+    dataset pipeline's normalisation: the student's).
+    """
     student = models.load_student(args.student_model_name_or_path, info.id2label, trust_remote_code=args.trust_remote_code)
     processor = models.load_image_processor(args.student_model_name_or_path, trust_remote_code=args.trust_remote_code)
     mean, std = models.processor_mean_std(processor)
-    student_adapter = models.make_input_adapter(mean, std, processor)
     teacher, teacher_adapter = None, None
     if args.teacher_model_name_or_path and (args.distill != "none" or args.eval_teacher):
         teacher = models.load_teacher(args.teacher_model_name_or_path, info.id2label,
                                       trust_remote_code=args.trust_remote_code)
         models.check_same_classes(teacher, student)
-        teacher_adapter = models.make_input_adapter(
-            mean, std, models.load_image_processor(args.teacher_model_name_or_path,
-                                                   trust_remote_code=args.trust_remote_code))
-        # Frozen and never wrapped in DDP (prepare refuses a model without trainable parameters).
-        teacher.to(accelerator.device)
-    n_params = models.count_parameters(student)
-    logger.info(f"student {args.student_model_name_or_path}: {n_params / 1e6:.2f} M parameters; "
+        teacher_processor = models.load_image_processor(args.teacher_model_name_or_path,
+                                                        trust_remote_code=args.trust_remote_code)
+        teacher_adapter = models.make_input_adapter(mean, std, teacher_processor)
+        teacher.to(accelerator.device)  # prepare() refuses a model without trainable parameters
+    logger.info(f"student {args.student_model_name_or_path}: {models.count_parameters(student) / 1e6:.2f} M parameters; "
                 f"teacher {args.teacher_model_name_or_path}: "
                 f"{models.count_parameters(teacher) / 1e6 if teacher is not None else 0:.2f} M")
+    return dict(student=student, processor=processor, student_adapter=models.make_input_adapter(mean, std, processor),
+                teacher=teacher, teacher_adapter=teacher_adapter, mean=mean, std=std)
 
-    # Preprocessing and data loaders
-    train_ds = data.build_train_dataset(train_hf, info, crop_size=crop_size, mean=mean, std=std, seed=args.seed,
-                                        skip_bad_samples=args.skip_bad_samples)
+
+def build_dataloaders(args: argparse.Namespace, train_hf, eval_hf, info: data.DataInfo, mean, std,
+                      accelerator: Accelerator) -> argparse.Namespace:
+    """``train``: the training loader (a seeded permutation per epoch, deterministic augmentation per sample),
+    with its ``sampler`` and ``train_ds`` (both take ``set_epoch``); ``eval``: this process's shard of the
+    evaluation set."""
+    train_ds = data.build_train_dataset(train_hf, info, crop_size=args.crop_size or info.crop_size, mean=mean, std=std,
+                                        seed=args.seed, skip_bad_samples=args.skip_bad_samples)
     eval_ds = data.build_eval_dataset(eval_hf, info, mean=mean, std=std, short_side=args.eval_short_side,
                                       skip_bad_samples=args.skip_bad_samples)
-    num_labels, ignore_index = info.num_labels, info.ignore_index
-
-    sampler = EpochShuffleSampler(len(train_ds), args.seed)
-    loader_kwargs = dict(num_workers=args.dataloader_num_workers, worker_init_fn=_worker_init,
+    loader_kwargs = dict(num_workers=args.dataloader_num_workers, worker_init_fn=utils.worker_init,
                          pin_memory=accelerator.device.type == "cuda",
                          generator=torch.Generator().manual_seed(args.seed))
+    sampler = utils.EpochShuffleSampler(len(train_ds), args.seed)
+    # Every sample's labels are checked as it is decoded, in the worker, on CPU (data.py): a bad label never
+    # reaches a GPU as a device-side assert.
     train_dataloader = DataLoader(
         train_ds, batch_sampler=BatchSampler(sampler, args.per_device_train_batch_size, drop_last=True),
-        # Every sample's labels are checked as it is decoded, in the worker, on CPU (data.py): a bad label never
-        # reaches a GPU as a device-side assert.
         collate_fn=data.train_collate, **loader_kwargs)
     # Evaluation is sharded by hand (every process a disjoint slice, no padding with repeated samples) so
     # the summed confusion matrix is exact for any number of processes.
     shard = Subset(eval_ds, range(accelerator.process_index, len(eval_ds), accelerator.num_processes))
     eval_dataloader = DataLoader(shard, batch_size=args.per_device_eval_batch_size, shuffle=False,
                                  collate_fn=data.eval_collate, **loader_kwargs)
+    return argparse.Namespace(train=train_dataloader, eval=eval_dataloader, sampler=sampler, train_ds=train_ds)
 
-    # Optimizer
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
 
-    # Prepare everything with our accelerator
-    student, optimizer, train_dataloader = accelerator.prepare(student, optimizer, train_dataloader)
-    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+def plan_schedule(args: argparse.Namespace, batches_per_epoch: int) -> argparse.Namespace:
+    """Optimizer steps per epoch, ``max_train_steps``, ``num_epochs``, the ALW horizon and checkpoint interval."""
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
-        max_train_steps = args.num_train_epochs * steps_per_epoch
-        num_epochs = args.num_train_epochs
+        max_train_steps, num_epochs = args.num_train_epochs * steps_per_epoch, args.num_train_epochs
     else:
-        max_train_steps = args.max_train_steps
-        num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    alw_total = num_epochs if args.alw_granularity == "epoch" else max_train_steps
+        max_train_steps, num_epochs = args.max_train_steps, math.ceil(args.max_train_steps / steps_per_epoch)
     if args.distill == "aicsd" and args.alw_granularity == "epoch" and num_epochs < 10:
         logger.warning(f"ALW at epoch granularity over {num_epochs} epoch(s): alpha takes only {num_epochs} values "
                        f"({', '.join(f'{alw.alw_alpha(e, num_epochs):.2f}' for e in range(num_epochs))}); "
                        "--alw_granularity step moves it every optimizer step")
     checkpoint_every = (steps_per_epoch if args.checkpointing_steps == "epoch"
                         else int(args.checkpointing_steps) if args.checkpointing_steps else None)
+    return argparse.Namespace(
+        steps_per_epoch=steps_per_epoch, max_train_steps=max_train_steps, num_epochs=num_epochs,
+        alw_total=num_epochs if args.alw_granularity == "epoch" else max_train_steps,
+        checkpoint_every=checkpoint_every)
 
-    if args.with_tracking:
-        config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
-        accelerator.init_trackers("aicsd", config)
 
-    results: dict = {}
-    if args.eval_teacher and teacher is not None:
-        cm, _ = evaluate(accelerator, teacher, eval_dataloader, num_labels, ignore_index, teacher_adapter,
-                         "eval teacher")
-        results.update({f"teacher_eval_{k}": v for k, v in metrics_from_confusion(cm).items()})
-        logger.info(f"teacher mIoU {results['teacher_eval_mean_iou']}")
+def epoch_loader(accelerator: Accelerator, loaders: argparse.Namespace, epoch: int, skip_batches: int):
+    """The training loader of ``epoch``, past its first ``skip_batches`` batches (a resumed epoch)."""
+    loader = accelerator.skip_first_batches(loaders.train, skip_batches) if skip_batches else loaders.train
+    # Accelerate's loader re-seeds the sampler with its own iteration count when iterated: align it with
+    # the epoch, which differs after a resume; then seed the sampler and the augmentations ourselves.
+    loader.set_epoch(epoch)
+    loaders.sampler.set_epoch(epoch)
+    loaders.train_ds.set_epoch(epoch)
+    return loader
 
-    # Resume
-    completed_steps, start_epoch, resume_batches, skipped_steps, skipped_samples = 0, 0, 0, 0, 0
-    resume_from = resolve_resume(args)
-    if resume_from is not None:
-        try:
-            accelerator.load_state(str(resume_from))
-        except (pickle.UnpicklingError, RuntimeError, OSError) as err:
-            # Accelerate reads the pickles of a checkpoint with torch.load(weights_only=True): one holding
-            # anything but tensors and plain data is refused, never run. Say that in one line (torch's own
-            # message suggests turning the protection off).
-            lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-            detail = next((line for line in lines if "GLOBAL" in line), lines[0])
-            if isinstance(err, pickle.UnpicklingError):
-                detail = f"a pickle that torch.load(weights_only=True) refuses: {detail}"
-            raise UsageError(f"--resume_from_checkpoint {resume_from}: cannot load it ({detail}); resume from "
-                             "another checkpoint or start afresh") from None
-        state = json.loads((resume_from / STATE_FILE).read_text())
-        completed_steps, start_epoch = state["completed_steps"], state["epoch"]
-        resume_batches = state["batches_in_epoch"]
-        skipped_steps, skipped_samples = state.get("skipped_steps", 0), state.get("skipped_samples", 0)
-        if resume_batches >= len(train_dataloader):
-            start_epoch, resume_batches = start_epoch + 1, 0
-        logger.info(f"resumed from {resume_from}: step {completed_steps}, epoch {start_epoch}, "
-                    f"batch {resume_batches}")
 
-    # Train!
-    total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info(f"***** {args.distill}: {len(train_ds)} training images, {num_epochs} epochs, {max_train_steps} "
-                f"steps, global batch {total_batch}, {accelerator.num_processes} process(es) *****")
-    progress = tqdm(range(max_train_steps), initial=completed_steps, disable=not accelerator.is_local_main_process)
-    # Logged: the loss and its terms (names fixed by --distill), averaged over the batches since the last log
-    # and over all processes: `running` holds their sums and, last, the number of batches.
-    probe = torch.zeros(1, num_labels, 2, 2)
-    log_keys = ["loss", *step_losses(args, probe, probe, torch.zeros(1, 2, 2, dtype=torch.long), ignore_index, 0.5)[1]]
-    running = torch.zeros(len(log_keys) + 1, device=accelerator.device)
-    # Which logged values were non-finite since the last optimizer step, kept on the device: checking each
-    # micro-batch's loss on the host would synchronise the GPU every micro-batch.
-    nonfinite = torch.zeros(len(log_keys), dtype=torch.bool, device=accelerator.device)
-    pending_skipped = 0  # undecodable samples met since the last optimizer step, on this process
-    started = time.time()
-    stop_reason = None
+def teacher_logits(models_: dict, args: argparse.Namespace, pixel_values: torch.Tensor,
+                   accelerator: Accelerator) -> torch.Tensor | None:
+    """The frozen teacher's logits (B, C, ht, wt), or None when the objective needs no teacher."""
+    if models_["teacher"] is None or args.distill == "none":
+        return None
+    with torch.no_grad(), accelerator.autocast():
+        return models.segmentation_logits(models_["teacher"], models_["teacher_adapter"](pixel_values))
 
-    def log_metrics(logs: dict, step: int) -> None:
-        if args.with_tracking:
-            accelerator.log(logs, step=step)
-        if args.log_file and accelerator.is_main_process:
-            with open(args.log_file, "a") as f:  # reopened each time: nothing is lost to a kill but the line
-                f.write(json.dumps({"step": step, **logs}) + "\n")
 
-    def training_state(epoch: int, batches_in_epoch: int) -> dict:
-        return {"completed_steps": completed_steps, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
-                "max_train_steps": max_train_steps, "alw_total": alw_total, "alw_granularity": args.alw_granularity,
-                "skipped_steps": skipped_steps, "skipped_samples": skipped_samples, "distill": args.distill}
+def optimizer_step(args: argparse.Namespace, accelerator: Accelerator, student, optimizer, step: int,
+                   max_train_steps: int) -> None:
+    """Clip, set the learning rate of optimizer step ``step`` (a pure function of it: resume is exact), step."""
+    if args.max_grad_norm is not None:
+        accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+    lr = args.learning_rate * utils.lr_factor(step, max_train_steps, args.lr_scheduler_type, args.num_warmup_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
 
-    for epoch in range(start_epoch, num_epochs):
-        if completed_steps >= max_train_steps or stop_reason:
-            break
-        student.train()
-        loader, batches_in_epoch = train_dataloader, 0
-        if epoch == start_epoch and resume_batches:
-            loader, batches_in_epoch = accelerator.skip_first_batches(train_dataloader, resume_batches), resume_batches
-        # Accelerate's loader re-seeds the sampler with its own iteration count when iterated: align it with
-        # the epoch, which differs after a resume; then seed the sampler and the augmentations ourselves.
-        loader.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        train_ds.set_epoch(epoch)
-        for batch in loader:
-            batches_in_epoch += 1
-            pending_skipped += int(batch.pop("num_skipped", torch.zeros(())).sum())
-            alpha = alw.alw_alpha(epoch if args.alw_granularity == "epoch" else completed_steps, alw_total)
-            with accelerator.accumulate(student):
-                pixel_values, labels = batch["pixel_values"], batch["labels"]
-                if pixel_values.shape[0] == 0:
-                    # Every sample was skipped: a zero loss that touches every parameter keeps DDP in step.
-                    loss = sum(p.sum() for p in student.parameters()) * 0.0
-                    terms = {}
-                else:
-                    t_logits = None
-                    if teacher is not None and args.distill != "none":
-                        with torch.no_grad(), accelerator.autocast():
-                            t_logits = models.segmentation_logits(teacher, teacher_adapter(pixel_values))
-                    s_logits = models.segmentation_logits(student, student_adapter(pixel_values))
-                    loss, terms = step_losses(args, s_logits, t_logits, labels, ignore_index, alpha)
-                accelerator.backward(loss)
-            if terms:
-                values = torch.stack([loss.detach(), *(terms[k] for k in log_keys[1:])]).float()
-                nonfinite |= ~torch.isfinite(values)
-                running[:-1] += values
-                running[-1] += 1
-            if not accelerator.sync_gradients:
-                continue
 
-            # One small all-reduce per optimizer step so that every process takes the same decision.
-            # It also sums the skipped samples, so that the count in checkpoints and results covers all processes.
-            flags = torch.stack([nonfinite.any().float(), torch.tensor(float(_STOP_REQUESTED), device=accelerator.device),
-                                 torch.tensor(float(pending_skipped), device=accelerator.device)])
-            any_nonfinite, stop, newly_skipped = accelerator.reduce(flags, reduction="sum").tolist()
-            skipped_samples, pending_skipped = skipped_samples + int(newly_skipped), 0
-            if any_nonfinite:
-                bad = [k for k, flag in zip(log_keys, nonfinite.tolist()) if flag]
-                term = next((k for k in bad if k != "loss"), bad[0] if bad else "on another process")
-                where = f"step {completed_steps + 1} (epoch {epoch}), term {term}"
-                if not args.skip_nonfinite_steps:
-                    raise FloatingPointError(
-                        f"non-finite loss at {where}; lower --learning_rate, set --max_grad_norm, "
-                        "or pass --skip_nonfinite_steps to skip such steps")
-                skipped_steps += 1
-                logger.warning(f"skipping the update of {where} (non-finite loss; {skipped_steps} skipped so far)")
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                if args.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
-                lr = args.learning_rate * lr_factor(completed_steps, max_train_steps, args.lr_scheduler_type,
-                                                    args.num_warmup_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            nonfinite.zero_()
-            completed_steps += 1
-            progress.update(1)
+def eval_student(accelerator, student, eval_dataloader, info, models_, step: int, log) -> None:
+    """A mid-training evaluation, logged as ``eval/*``; the student goes back to training mode."""
+    cm, _ = evaluate(accelerator, accelerator.unwrap_model(student), eval_dataloader, info.num_labels,
+                     info.ignore_index, models_["student_adapter"])
+    m = utils.metrics_from_confusion(cm)
+    logger.info(f"step {step}: mIoU {m['mean_iou']}, pixel acc {m['overall_accuracy']}")
+    log({f"eval/{k}": v for k, v in m.items() if not k.startswith("per_")}, step)
+    student.train()
 
-            if completed_steps % args.logging_steps == 0 or completed_steps == max_train_steps:
-                totals = accelerator.reduce(running, reduction="sum").tolist()
-                logs = {f"train/{k}": v / max(totals[-1], 1.0) for k, v in zip(log_keys, totals)}
-                logs.update({"train/lr": optimizer.param_groups[0]["lr"], "train/epoch": epoch})
-                if args.distill == "aicsd":
-                    logs["train/alpha"] = alpha
-                    progress.set_postfix(loss=f"{logs['train/loss']:.4f}", alpha=f"{alpha:.3f}")
-                else:
-                    progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
-                log_metrics(logs, completed_steps)
-                running.zero_()
-            if args.eval_steps and completed_steps % args.eval_steps == 0 and completed_steps < max_train_steps:
-                cm, _ = evaluate(accelerator, accelerator.unwrap_model(student), eval_dataloader, num_labels,
-                                 ignore_index, student_adapter)
-                m = metrics_from_confusion(cm)
-                logger.info(f"step {completed_steps}: mIoU {m['mean_iou']}, pixel acc {m['overall_accuracy']}")
-                log_metrics({f"eval/{k}": v for k, v in m.items() if not k.startswith("per_")}, completed_steps)
-                student.train()
-            if stop:
-                stop_reason = "SIGTERM"
-            if (checkpoint_every and completed_steps % checkpoint_every == 0) or stop_reason:
-                path = save_checkpoint(accelerator, student, args.output_dir, training_state(epoch, batches_in_epoch),
-                                       args.checkpoints_total_limit)
-                logger.info(f"saved {path}")
-            if stop_reason or completed_steps >= max_train_steps:
-                break
-    progress.close()
 
-    if stop_reason:
-        logger.warning(f"{stop_reason}: checkpoint saved at step {completed_steps}; resume with "
-                       f"--resume_from_checkpoint latest")
-        accelerator.end_training()
-        return {"stopped": stop_reason, "train_steps": completed_steps}
-    check_finite_model(student, "the final model")
-
-    # Evaluate
-    cm, eval_skipped = evaluate(accelerator, accelerator.unwrap_model(student), eval_dataloader, num_labels,
-                                ignore_index, student_adapter)
-    results.update({f"eval_{k}": v for k, v in metrics_from_confusion(cm).items()})
-    results.update(train_steps=completed_steps, train_runtime_s=round(time.time() - started, 2),
-                   skipped_steps=skipped_steps, skipped_samples=skipped_samples, eval_skipped_samples=eval_skipped,
-                   num_processes=accelerator.num_processes, distill=args.distill)
-    logger.info(f"final mIoU {results['eval_mean_iou']}, mean acc {results['eval_mean_accuracy']}, "
-                f"pixel acc {results['eval_overall_accuracy']}")
-    if skipped_samples:
-        logger.warning(f"{skipped_samples} undecodable training samples were skipped")
-    log_metrics({f"eval/{k[5:]}": v for k, v in results.items() if k.startswith("eval_") and isinstance(v, float)},
-                completed_steps)
-
-    # Save
+def save_export(args, accelerator, student, processor, info, results: dict, n_params: int) -> None:
+    """The student for ``from_pretrained``: weights, config, image processor, ``all_results.json``, model card."""
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(student)
     unwrapped.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process,
@@ -877,30 +495,155 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if args.push_to_hub:
             push_to_hub(args)
     accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Train (and distil) the student as the flags say; return the final metrics (``all_results.json``)."""
+    args = parse_args(argv)
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision=args.mixed_precision, project_dir=args.output_dir,
+                              log_with=args.report_to if args.with_tracking else None)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    logger.info(accelerator.state, main_process_only=False)
+    set_seed(args.seed)
+    utils.install_stop_handlers()
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+
+    # Load dataset
+    train_hf, eval_hf, info = data.load_splits(data.DataOptions.from_args(args))
+    for note in info.notes:
+        logger.info(note)
+    data.check_split_sizes(train_hf, eval_hf, args.per_device_train_batch_size, accelerator.num_processes)
+    preflight(train_hf, eval_hf, info, args.skip_bad_samples)
+
+    # Load models
+    nets = load_models(args, info, accelerator)
+    student, teacher, n_params = nets["student"], nets["teacher"], models.count_parameters(nets["student"])
+
+    # Preprocessing, data loaders and optimizer
+    loaders = build_dataloaders(args, train_hf, eval_hf, info, nets["mean"], nets["std"], accelerator)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+
+    # Prepare everything with our accelerator
+    student, optimizer, loaders.train = accelerator.prepare(student, optimizer, loaders.train)
+    plan = plan_schedule(args, len(loaders.train))
+    if args.with_tracking:
+        accelerator.init_trackers("aicsd", {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                            for k, v in vars(args).items()})
+    log = utils.MetricLogger(accelerator, args.with_tracking, args.log_file)
+    results: dict = {}
+    if args.eval_teacher and teacher is not None:
+        cm, _ = evaluate(accelerator, teacher, loaders.eval, info.num_labels, info.ignore_index,
+                         nets["teacher_adapter"], "eval teacher")
+        results.update({f"teacher_eval_{k}": v for k, v in utils.metrics_from_confusion(cm).items()})
+        logger.info(f"teacher mIoU {results['teacher_eval_mean_iou']}")
+
+    # Resume
+    resume_from = utils.resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    state = utils.load_checkpoint(accelerator, resume_from, len(loaders.train)) if resume_from else utils.TrainState()
+
+    # Train!
+    total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(f"***** {args.distill}: {len(loaders.train_ds)} training images, {plan.num_epochs} epochs, "
+                f"{plan.max_train_steps} steps, global batch {total_batch}, {accelerator.num_processes} process(es) *****")
+    progress = tqdm(range(plan.max_train_steps), initial=state.completed_steps,
+                    disable=not accelerator.is_local_main_process)
+    tracker = utils.LossTracker(["loss", *LOSS_TERMS[args.distill]], accelerator.device)
+    run_info = dict(max_train_steps=plan.max_train_steps, alw_total=plan.alw_total,
+                    alw_granularity=args.alw_granularity, distill=args.distill)
+    started, stop_reason = time.time(), None
+    for epoch in range(state.epoch, plan.num_epochs):
+        if state.completed_steps >= plan.max_train_steps or stop_reason:
+            break
+        student.train()  # the teacher stays in eval mode throughout
+        resumed = state.batches_in_epoch if epoch == state.epoch else 0
+        state.epoch, state.batches_in_epoch = epoch, resumed
+        loader = epoch_loader(accelerator, loaders, epoch, resumed)
+        for batch in loader:
+            state.batches_in_epoch += 1
+            tracker.pending_skipped += int(batch.pop("num_skipped", torch.zeros(())).sum())
+            alpha = alw.alw_alpha(epoch if args.alw_granularity == "epoch" else state.completed_steps, plan.alw_total)
+            with accelerator.accumulate(student):
+                if batch["pixel_values"].shape[0] == 0:
+                    # Every sample was skipped: a zero loss that touches every parameter keeps DDP in step.
+                    loss, terms = sum(p.sum() for p in student.parameters()) * 0.0, {}
+                else:
+                    t_logits = teacher_logits(nets, args, batch["pixel_values"], accelerator)
+                    s_logits = models.segmentation_logits(student, nets["student_adapter"](batch["pixel_values"]))
+                    loss, terms = step_losses(args, s_logits, t_logits, batch["labels"], info.ignore_index, alpha)
+                accelerator.backward(loss)
+            tracker.add(loss, terms)
+            if not accelerator.sync_gradients:
+                continue
+
+            outcome = tracker.end_step(accelerator, utils.stop_requested())
+            state.skipped_samples += outcome.skipped_samples
+            if outcome.nonfinite_term is None:
+                optimizer_step(args, accelerator, student, optimizer, state.completed_steps, plan.max_train_steps)
+            else:
+                where = f"step {state.completed_steps + 1} (epoch {epoch}), term {outcome.nonfinite_term}"
+                if not args.skip_nonfinite_steps:
+                    raise FloatingPointError(f"non-finite loss at {where}; lower --learning_rate, set --max_grad_norm, "
+                                             "or pass --skip_nonfinite_steps to skip such steps")
+                state.skipped_steps += 1
+                logger.warning(f"skipping the update of {where} (non-finite loss; {state.skipped_steps} skipped so far)")
+            optimizer.zero_grad(set_to_none=True)
+            state.completed_steps += 1
+            progress.update(1)
+
+            step, last = state.completed_steps, state.completed_steps >= plan.max_train_steps
+            if step % args.logging_steps == 0 or last:
+                logs = {**tracker.averages(accelerator), "train/lr": optimizer.param_groups[0]["lr"], "train/epoch": epoch}
+                logs.update({"train/alpha": alpha} if args.distill == "aicsd" else {})
+                progress.set_postfix({k[6:]: f"{logs[k]:.4f}" for k in ("train/loss", "train/alpha") if k in logs})
+                log(logs, step)
+            if args.eval_steps and step % args.eval_steps == 0 and not last:
+                eval_student(accelerator, student, loaders.eval, info, nets, step, log)
+            stop_reason = "SIGTERM" if outcome.stop else None
+            if (plan.checkpoint_every and step % plan.checkpoint_every == 0) or stop_reason:
+                path = utils.save_checkpoint(accelerator, student, args.output_dir, state.to_json(**run_info),
+                                             args.checkpoints_total_limit)
+                logger.info(f"saved {path}")
+            if stop_reason or last:
+                break
+    progress.close()
+    if stop_reason:
+        logger.warning(f"{stop_reason}: checkpoint saved at step {state.completed_steps}; resume with "
+                       f"--resume_from_checkpoint latest")
+        accelerator.end_training()
+        return {"stopped": stop_reason, "train_steps": state.completed_steps}
+    utils.check_finite_model(student, "the final model")
+
+    # Evaluate
+    cm, eval_skipped = evaluate(accelerator, accelerator.unwrap_model(student), loaders.eval, info.num_labels,
+                                info.ignore_index, nets["student_adapter"])
+    results.update({f"eval_{k}": v for k, v in utils.metrics_from_confusion(cm).items()})
+    results.update(train_steps=state.completed_steps, train_runtime_s=round(time.time() - started, 2),
+                   skipped_steps=state.skipped_steps, skipped_samples=state.skipped_samples,
+                   eval_skipped_samples=eval_skipped, num_processes=accelerator.num_processes, distill=args.distill)
+    logger.info(f"final mIoU {results['eval_mean_iou']}, mean acc {results['eval_mean_accuracy']}, "
+                f"pixel acc {results['eval_overall_accuracy']}")
+    if state.skipped_samples:
+        logger.warning(f"{state.skipped_samples} undecodable training samples were skipped")
+    log({f"eval/{k[5:]}": v for k, v in results.items() if k.startswith("eval_") and isinstance(v, float)},
+        state.completed_steps)
+
+    # Save (and push)
+    save_export(args, accelerator, student, nets["processor"], info, results, n_params)
     accelerator.end_training()
     return results
 
 
-def _one_line(error: BaseException) -> str:
-    # An error raised inside a DataLoader worker arrives wrapped with the worker's traceback: keep its last line.
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    if "Original Traceback" in str(error) and lines:
-        return re.sub(r"^[\w.]*(Error|Exception): ", "", lines[-1])
-    return " ".join(lines)
-
-
 def cli() -> int:
-    try:
-        main()
-        return 0
-    except (UsageError, data.DataError, models.ModelSourceError, models.ClassMismatchError, FloatingPointError) as e:
-        message = _one_line(e)
-    # Printed once the failed run's workers are stopped and its frames released: its progress bar closes (and
-    # redraws itself) first, so the error stays the last line the user sees.
-    _kill_dataloader_workers()
-    gc.collect()
-    print(f"train_icsd.py: error: {message}", file=sys.stderr)
-    return 2
+    """``python train_icsd.py ...``: the user's mistakes end as one line on stderr with exit status 2."""
+    user_errors = (UsageError, data.DataError, models.ModelSourceError, models.ClassMismatchError, FloatingPointError)
+    return utils.run_cli(main, user_errors, "train_icsd.py")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ an unknown --dataset preset and the launcher relaying the error line (test_train
 test_bad_flags_fail_with_one_line), identical eval metrics for 1 and 2 processes and resume from a copied
 checkpoint (test_train.py), decoding and column detection at the data.py level (test_data.py).
 
-The random moment of the kill -9 / SIGTERM tests comes from RELIABILITY_SEED (default: the clock); a failure
-prints the seed, so `RELIABILITY_SEED=... pytest tests/test_reliability.py` replays it.
+The random moment of the kill -9 / SIGTERM tests comes from RELIABILITY_SEED (default: 1234, fixed so that a run
+is repeatable); `RELIABILITY_SEED=... pytest tests/test_reliability.py` tries other moments.
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import datasets
 import numpy as np
@@ -35,56 +34,38 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from helpers import ENV, ROOT, TINY, launcher_cmd, script_cmd
 
-import data  # noqa: E402
-import models  # noqa: E402
-import train_icsd  # noqa: E402
-
-TINY = "config:segformer-tiny"
-SEED = int(os.environ.get("RELIABILITY_SEED", time.time_ns() % 1_000_000))
+import data
+import losses
+import models
+import train_icsd
+import utils_training
+SEED = int(os.environ.get("RELIABILITY_SEED", 1234))
 FAKE_TOKEN = "hf_" + "ReliabilityTestFakeToken0123456789"
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-ENV.pop("HF_TOKEN", None)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Running the script
 # ---------------------------------------------------------------------------------------------------------
-def script_cmd(args) -> list:
-    return [sys.executable, str(ROOT / "train_icsd.py"), *map(str, args)]
-
-
-def launcher_cmd(args, nproc: int = 1) -> list:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no"]
-    if nproc > 1:
-        # `--cpu --num_processes 2` silently starts one process; --multi_gpu with ACCELERATE_USE_CPU starts two.
-        cmd += ["--multi_gpu", "--num_processes", str(nproc), "--main_process_port", str(29500 + os.getpid() % 500)]
-    else:
-        cmd += ["--num_processes", "1"]
-    return cmd + [str(ROOT / "train_icsd.py"), *map(str, args)]
-
-
-def run(cmd, timeout: int = 120, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+def run(cmd, timeout: int = 120, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=timeout)
 
 
-def run_ok(cmd, timeout: int = 180, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+def run_ok(cmd, timeout: int = 180, env: dict | None = None) -> subprocess.CompletedProcess:
     proc = run(cmd, timeout, env)
     assert proc.returncode == 0, f"train_icsd.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     return proc
 
 
-def start(cmd, log: Path, env: Optional[dict] = None) -> subprocess.Popen:
+def start(cmd, log: Path, env: dict | None = None) -> subprocess.Popen:
     """Start in a new session (process group = its pid), output to ``log``, as a batch job would."""
     with open(log, "w") as f:
         return subprocess.Popen(cmd, cwd=ROOT, env=env or ENV, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
 
-def wait_for(condition: Callable[[], bool], proc: Optional[subprocess.Popen], what: str, timeout: float = 90):
+def wait_for(condition: Callable[[], bool], proc: subprocess.Popen | None, what: str, timeout: float = 90):
     deadline = time.time() + timeout
     while not condition():
         if proc is not None and proc.poll() is not None:
@@ -155,7 +136,7 @@ def last_step(out: Path) -> int:
 
 
 def checkpoint_names(out: Path) -> list:
-    return [p.name for p in train_icsd.list_checkpoints(str(out))]
+    return [p.name for p in utils_training.list_checkpoints(str(out))]
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -173,15 +154,15 @@ def all_finite(path: Path) -> bool:
 CLASSES = [f"class_{i}" for i in range(11)]
 
 
-def png(array: np.ndarray, mode: Optional[str] = None, **save) -> bytes:
+def png(array: np.ndarray, mode: str | None = None, **save) -> bytes:
     buf = io.BytesIO()
     image = Image.fromarray(array) if mode is None else Image.fromarray(array).convert(mode)
     image.save(buf, format="PNG", **save)
     return buf.getvalue()
 
 
-def sample(rng: np.random.Generator, name: str, *, h: int = 40, w: int = 48, label_value: Optional[int] = None,
-           image_mode: Optional[str] = None, label_hw: Optional[tuple] = None) -> dict:
+def sample(rng: np.random.Generator, name: str, *, h: int = 40, w: int = 48, label_value: int | None = None,
+           image_mode: str | None = None, label_hw: tuple | None = None) -> dict:
     image = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
     lh, lw = label_hw or (h, w)
     label = rng.integers(0, len(CLASSES), size=(lh, lw)).astype(np.uint8)
@@ -191,7 +172,7 @@ def sample(rng: np.random.Generator, name: str, *, h: int = 40, w: int = 48, lab
             "label": {"bytes": png(label), "path": f"{name}_mask.png"}}
 
 
-def write_dataset(folder: Path, splits: dict, features: Optional[dict] = None, classes=CLASSES) -> Path:
+def write_dataset(folder: Path, splits: dict, features: dict | None = None, classes=CLASSES) -> Path:
     """``splits``: name -> list of row dicts. Writes data/<split>-00000-of-00001.parquet and id2label.json."""
     features = datasets.Features(features or {"image": datasets.Image(), "label": datasets.Image()})
     for split, rows in splits.items():
@@ -343,13 +324,13 @@ def test_bad_label_met_late_in_a_worker_stops_with_one_line(folders, tmp_path):
 def test_every_sample_is_checked_on_cpu_when_decoded_evaluation_included(folders):
     # The path of every row outside the pre-flight sample, in the DataLoader workers: label values are checked
     # per sample (naming it) before any batch exists, for evaluation as for training; skipping does not hide it.
-    _, evaluation, info = data.load_splits(dataset_name=str(folders["label37_eval"]))
+    _, evaluation, info = data.load_splits(data.DataOptions(dataset_name=str(folders["label37_eval"])))
     for skip in (False, True):
         ds = data.build_eval_dataset(evaluation, info, mean=(0.0,) * 3, std=(1.0,) * 3, skip_bad_samples=skip)
         ds[0]
         with pytest.raises(data.LabelValueError, match=r"validation row 1 .*validation_001_mask\.png.*\[37\]"):
             ds[1]
-    train, _, info = data.load_splits(dataset_name=str(folders["label37"]))
+    train, _, info = data.load_splits(data.DataOptions(dataset_name=str(folders["label37"])))
     ds = data.build_train_dataset(train, info, crop_size=(32, 32), mean=(0.0,) * 3, std=(1.0,) * 3, seed=0)
     with pytest.raises(data.LabelValueError, match=r"train row 3 .*\[37\]"):
         ds[3]
@@ -418,7 +399,7 @@ def test_all_ignore_batch_gives_zero_terms_not_nan(distill):
     assert loss.item() == 0.0 and all(v.item() == 0.0 for v in terms.values()), terms
     loss.backward()
     assert torch.isfinite(s_logits.grad).all()
-    assert train_icsd.cross_entropy(s_logits, labels, 255).item() == 0.0
+    assert losses.masked_cross_entropy(s_logits, labels, 255).item() == 0.0
 
 
 def test_transformers_own_loss_is_nan_on_an_all_ignore_batch():
@@ -512,7 +493,7 @@ def test_half_written_checkpoints_are_never_resumed_from(straight, tmp_path):
     (ckpts / f".tmp-step_{STEPS:08d}" / "model.safetensors").write_bytes(b"truncated")
     # ...and a folder with a checkpoint's name whose state file was never written (e.g. an interrupted copy).
     shutil.copytree(straight / "checkpoints" / good, ckpts / "step_00000099")
-    (ckpts / "step_00000099" / train_icsd.STATE_FILE).unlink()
+    (ckpts / "step_00000099" / utils_training.STATE_FILE).unlink()
     (ckpts / "step_00000099" / "model.safetensors").write_bytes(b"garbage")
     proc = run_ok(script_cmd(interrupt_args(out, resume_from_checkpoint="latest")))
     assert _resumed_at(proc.stderr) == STEPS - INTERVAL and f"checkpoints/{good}" in proc.stderr

@@ -1,4 +1,4 @@
-"""Smoke tests of the user-facing scripts: the offline demo, the CamVid study (--quick) and loss_scales.py."""
+"""Smoke tests of the user-facing scripts: the offline demo, tools/study.py (--quick) and tools/loss_scales.py."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def test_demo_chains_teacher_baseline_and_aicsd(tmp_path):
 @pytest.mark.skipif(not CAMVID.is_dir(), reason="needs ../shared/data/camvid")
 def test_study_quick_runs_every_stage(tmp_path):
     out = tmp_path / "study"
-    cmd = [sys.executable, str(ROOT / "study.py"), "--quick", "--output_dir", str(out), "--data", str(CAMVID),
+    cmd = [sys.executable, str(ROOT / "tools" / "study.py"), "--quick", "--output_dir", str(out), "--data", str(CAMVID),
            "--methods", "none", "kd", "aicsd"]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -48,7 +48,7 @@ def test_study_quick_runs_every_stage(tmp_path):
 
 
 def test_loss_scales_prints_one_row_per_student():
-    cmd = [sys.executable, str(ROOT / "loss_scales.py"), "--dataset", "synthetic", "--teacher",
+    cmd = [sys.executable, str(ROOT / "tools" / "loss_scales.py"), "--dataset", "synthetic", "--teacher",
            "config:segformer-tiny", "--student", "config:segformer-tiny", "config:segformer-tiny",
            "--batch_size", "2", "--crop", "32", "32"]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120, cwd=ROOT)

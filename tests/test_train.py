@@ -3,42 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-CAMVID = ROOT.parent / "shared" / "data" / "camvid"
-sys.path.insert(0, str(ROOT))
+from helpers import CAMVID, ENV, ROOT, TINY, launch, numpy_metrics, script_cmd
 
-import data  # noqa: E402
-import train_icsd  # noqa: E402
-
-TINY = "config:segformer-tiny"
-
-
-def launch(args, *, nproc: int = 1, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run train_icsd.py under `accelerate launch` on the CPU, as a user would."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", ACCELERATE_USE_CPU="1",
-               OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"), PYTHONUNBUFFERED="1")
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if nproc > 1:
-        # `--cpu --num_processes 2` silently starts one process; --multi_gpu with ACCELERATE_USE_CPU starts two.
-        launcher += ["--multi_gpu", "--num_processes", str(nproc), "--main_process_port", str(29500 + os.getpid() % 500)]
-    else:
-        launcher += ["--num_processes", "1"]
-    proc = subprocess.run(launcher + [str(ROOT / "train_icsd.py"), *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train_icsd.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
+import data
+import train_icsd
 
 
 def synthetic_args(out: Path, distill: str = "none", steps: int = 3, **extra) -> list:
@@ -64,69 +40,6 @@ def weights(path: Path) -> dict:
 
         return AutoModelForSemanticSegmentation.from_pretrained(path).state_dict()
     return load_file(str(path / "model.safetensors"))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Metrics against an independent numpy implementation
-# ---------------------------------------------------------------------------------------------------------
-def numpy_metrics(preds, labels, num_labels, ignore_index):
-    inter = np.zeros(num_labels)
-    area_pred = np.zeros(num_labels)
-    area_label = np.zeros(num_labels)
-    for p, l in zip(preds, labels):
-        keep = l != ignore_index
-        p, l = p[keep], l[keep]
-        for c in range(num_labels):
-            inter[c] += np.sum((p == c) & (l == c))
-            area_pred[c] += np.sum(p == c)
-            area_label[c] += np.sum(l == c)
-    union = area_pred + area_label - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = inter / union
-        acc = inter / area_label
-    return {"mean_iou": np.nanmean(iou), "mean_accuracy": np.nanmean(acc),
-            "overall_accuracy": inter.sum() / area_label.sum(), "per_category_iou": iou}
-
-
-def test_metrics_match_numpy_with_ignore_and_absent_classes():
-    rng = np.random.default_rng(0)
-    C, ignore = 6, 255
-    preds, labels = [], []
-    for h, w in [(7, 9), (5, 5), (11, 4)]:
-        lab = rng.integers(0, 4, size=(h, w))  # classes 4, 5 never appear in the labels
-        lab[rng.random((h, w)) < 0.2] = ignore
-        pred = rng.integers(0, 5, size=(h, w))  # class 4 predicted but absent; class 5 absent everywhere
-        preds.append(pred)
-        labels.append(lab)
-    cm = sum(train_icsd.confusion_matrix(torch.from_numpy(p), torch.from_numpy(l), C, ignore)
-             for p, l in zip(preds, labels))
-    ours = train_icsd.metrics_from_confusion(cm)
-    ref = numpy_metrics(preds, labels, C, ignore)
-    assert ours["mean_iou"] == pytest.approx(ref["mean_iou"], rel=1e-12)
-    assert ours["mean_accuracy"] == pytest.approx(ref["mean_accuracy"], rel=1e-12)
-    assert ours["overall_accuracy"] == pytest.approx(ref["overall_accuracy"], rel=1e-12)
-    assert ours["per_category_iou"][4] == 0.0  # predicted, never true
-    assert ours["per_category_iou"][5] is None  # neither: left out of the mean
-    np.testing.assert_allclose([v for v in ours["per_category_iou"][:5]], ref["per_category_iou"][:5], rtol=1e-12)
-
-
-def test_lr_schedule_and_sampler_are_pure_functions_of_counters():
-    assert train_icsd.lr_factor(0, 100, "poly") == 1.0
-    assert train_icsd.lr_factor(100, 100, "poly") == 0.0
-    assert train_icsd.lr_factor(50, 100, "poly") == pytest.approx(0.5**0.9)
-    assert train_icsd.lr_factor(0, 100, "linear", warmup=10) == pytest.approx(0.1)
-    assert train_icsd.lr_factor(10, 110, "cosine", warmup=10) == pytest.approx(1.0)
-    s = train_icsd.EpochShuffleSampler(50, seed=3)
-    s.set_epoch(2)
-    first = list(s)
-    assert sorted(first) == list(range(50))
-    s.set_epoch(1)
-    assert list(s) != first
-    s.set_epoch(2)
-    assert list(s) == first
-    state = torch.random.get_rng_state()
-    list(s)
-    assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is untouched
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -195,7 +108,7 @@ def test_every_mode_on_camvid(tmp_path, distill):
     assert res["train_steps"] == 2 and len(res["eval_per_category_iou"]) == 11
     if distill == "aicsd":
         # The metrics the script reports are those of the exported model on the full-resolution labels.
-        _, eval_hf, info = data.load_splits(dataset_name=str(CAMVID), max_eval_samples=3)
+        _, eval_hf, info = data.load_splits(data.DataOptions(dataset_name=str(CAMVID), max_eval_samples=3))
         ref = _recompute_miou(out, eval_hf, info)
         assert res["eval_mean_iou"] == pytest.approx(ref["mean_iou"], abs=1e-6)
         assert res["eval_overall_accuracy"] == pytest.approx(ref["overall_accuracy"], abs=1e-6)
@@ -231,9 +144,7 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
 
 def run_script(args, timeout: int = 120) -> subprocess.CompletedProcess:
     """train_icsd.py as a plain `python` process (what `accelerate launch` runs in each worker)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, str(ROOT / "train_icsd.py"), *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(script_cmd(args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def test_bad_flags_fail_with_one_line(tmp_path):
@@ -276,7 +187,7 @@ def test_push_to_hub_uploads_the_output_folder_without_checkpoints(tmp_path, mon
 def test_model_card_redacts_tokens_and_names_the_method(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["train_icsd.py", "--dataset_name", "hf_abcdefghijklmnopqrstuvwxyz123456"])
     args = train_icsd.parse_args(["--dataset", "synthetic", "--distill", "aicsd", "--lambda_ics", "7"])
-    _, _, info = data.load_splits("synthetic", max_train_samples=2, max_eval_samples=2)
+    _, _, info = data.load_splits(data.DataOptions("synthetic", max_train_samples=2, max_eval_samples=2))
     card = train_icsd.write_model_card(args, info, {"eval_mean_iou": 0.5, "eval_per_category_iou": [0.5] * 9}, 10)
     assert "hf_abcdefghijklmnopqrstuvwxyz123456" not in card and "hf_***" in card
     assert "λ_ics=7.0" in card and "AICSD" in card and "| mIoU | 50.00 |" in card

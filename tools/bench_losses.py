@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Benchmark the distillation losses: forward + backward time and peak memory.
 
-    python bench_losses.py                       # every scale, CPU or the first GPU
-    python bench_losses.py --scales cityscapes-quarter --repeats 5
-    python bench_losses.py --markdown            # a table for BENCHMARKS.md
+    python tools/bench_losses.py                       # every scale, CPU or the first GPU
+    python tools/bench_losses.py --scales cityscapes-quarter --repeats 5
+    python tools/bench_losses.py --markdown            # a table for BENCHMARKS.md
 
 Compares ``losses.icsd_loss`` (batched matrix products) with a loop over class pairs written the way the
 paper's public code does it (one KL call per pair), but with the correct definitions, so both compute the
@@ -20,6 +20,9 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's flat modules (losses)
 
 SCALES = {
     # name: (B, C, H, W)

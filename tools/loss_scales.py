@@ -3,25 +3,28 @@
 
 Use it to choose λ for a new dataset: the defaults (λ_ics = 10, λ_kd = 1, T = 1) were picked from this table.
 
-    python loss_scales.py --dataset synthetic --teacher outputs/demo/teacher --student config:segformer-tiny
-    python loss_scales.py --dataset_name ../shared/data/camvid --teacher runs/teacher \
+    python tools/loss_scales.py --dataset synthetic --teacher outputs/demo/teacher --student config:segformer-tiny
+    python tools/loss_scales.py --dataset_name ../shared/data/camvid --teacher runs/teacher \
         --student config:segformer-tiny --crop 128 160
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Optional, Sequence
+import sys
+from pathlib import Path
+from typing import Sequence
 
 import torch
 
-import data
-import losses
-import models
-import train_icsd
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's flat modules
+import data  # noqa: E402
+import losses  # noqa: E402
+import models  # noqa: E402
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    """Print one table row per student: CE, KD and ICSD at each temperature, CWD and ICKD."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default=None)
     p.add_argument("--dataset_name", default=None)
@@ -34,7 +37,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    train_hf, _, info = data.load_splits(args.dataset, args.dataset_name, seed=args.seed)
+    train_hf, _, info = data.load_splits(data.DataOptions(dataset=args.dataset, dataset_name=args.dataset_name, seed=args.seed))
     teacher = models.load_teacher(args.teacher, info.id2label)
     t_processor = models.load_image_processor(args.teacher)
     mean, std = models.processor_mean_std(t_processor)
@@ -55,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             s_processor = models.load_image_processor(name)
             s_logits = models.segmentation_logits(
                 student, models.make_input_adapter(mean, std, s_processor)(batch["pixel_values"]))
-            ce = train_icsd.cross_entropy(s_logits, labels, info.ignore_index)
+            ce = losses.masked_cross_entropy(s_logits, labels, info.ignore_index)
             kd = [losses.kd_loss(s_logits, t_logits, valid, t).item() for t in temps]
             ics = [losses.icsd_loss(s_logits, t_logits, valid, t).item() for t in temps]
             cwd = losses.cwd_loss(s_logits, t_logits, valid, temps[0]).item()

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """CamVid study: does AICSD help? Teacher once, then every method × seed at an equal number of steps.
 
-    python study.py                                   # the full study (GPU sized), ../shared/data/camvid
-    python study.py --quick                           # a CPU smoke run of every stage, a few minutes
-    python study.py --teacher_path runs/teacher ...   # reuse a trained teacher
+    python tools/study.py                                   # the full study (GPU sized), ../shared/data/camvid
+    python tools/study.py --quick                           # a CPU smoke run of every stage, a few minutes
+    python tools/study.py --teacher_path runs/teacher ...   # reuse a trained teacher
 
 Each run is `accelerate launch train_icsd.py ...` in its own folder under --output_dir; a run whose
 folder already holds all_results.json is not repeated, so an interrupted study (or one split across
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import statistics
@@ -28,19 +27,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repo root: this file lives in tools/
+sys.path.insert(0, str(ROOT))  # the flat modules (data, losses, models)
 METHODS = ("none", "kd", "cwd", "ickd", "icsd", "aicsd")
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "camvid"
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=str(DEFAULT_DATA), help="CamVid folder (Hub-style parquet) or Hub id.")
@@ -78,7 +78,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------------
 # Runs
 # ---------------------------------------------------------------------------------------------------------
-def run_training(args: argparse.Namespace, out: Path, flags: List[str], log: Path) -> dict:
+def run_training(args: argparse.Namespace, out: Path, flags: list[str], log: Path) -> dict:
     """One `accelerate launch train_icsd.py` run; skipped when its results already exist."""
     results = out / "all_results.json"
     if results.is_file():
@@ -109,7 +109,7 @@ def run_training(args: argparse.Namespace, out: Path, flags: List[str], log: Pat
     return json.loads(results.read_text())
 
 
-def summarise(runs: Dict[str, List[dict]]) -> Dict[str, dict]:
+def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
     table = {}
     for method, results in runs.items():
         row = {}
@@ -121,7 +121,7 @@ def summarise(runs: Dict[str, List[dict]]) -> Dict[str, dict]:
     return table
 
 
-def markdown(table: Dict[str, dict], teacher: dict, args: argparse.Namespace, device: str, minutes: float) -> str:
+def markdown(table: dict[str, dict], teacher: dict, args: argparse.Namespace, device: str, minutes: float) -> str:
     names = {"none": "student alone", "kd": "+ KD", "cwd": "+ CWD", "ickd": "+ ICKD", "icsd": "+ ICSD + KD (fixed)",
              "aicsd": "+ AICSD (ICSD + KD, ALW)"}
     lines = [f"CamVid validation (101 images unless --max_eval_samples), {args.steps} student steps, "
@@ -162,7 +162,7 @@ def heat(matrix: np.ndarray, cell: int = 18) -> Image.Image:
     return img.resize((m.shape[1] * cell, m.shape[0] * cell), Image.NEAREST)
 
 
-def grid(tiles: List[List[Image.Image]], captions: List[str], pad: int = 4) -> Image.Image:
+def grid(tiles: list[list[Image.Image]], captions: list[str], pad: int = 4) -> Image.Image:
     w = max(t.width for row in tiles for t in row)
     h = max(t.height for row in tiles for t in row)
     top = 16
@@ -176,7 +176,7 @@ def grid(tiles: List[List[Image.Image]], captions: List[str], pad: int = 4) -> I
     return canvas
 
 
-def bar_chart(table: Dict[str, dict], teacher_miou: float) -> Image.Image:
+def bar_chart(table: dict[str, dict], teacher_miou: float) -> Image.Image:
     methods = list(table)
     width, height, left, bottom = 120 * len(methods) + 80, 320, 50, 40
     img = Image.new("RGB", (width, height), "white")
@@ -202,19 +202,19 @@ def bar_chart(table: Dict[str, dict], teacher_miou: float) -> Image.Image:
 
 
 @torch.no_grad()
-def figures(args: argparse.Namespace, teacher_dir: Path, students: Dict[str, Path], out: Path, n_images: int = 3
-            ) -> Dict[str, Image.Image]:
+def figures(args: argparse.Namespace, teacher_dir: Path, students: dict[str, Path], out: Path, n_images: int = 3
+            ) -> dict[str, Image.Image]:
     """ICS heatmaps and prediction overlays from the saved models, on the first validation images."""
     import data
     import losses
     import models
 
-    _, eval_hf, info = data.load_splits(dataset_name=args.data, max_eval_samples=args.max_eval_samples)
+    _, eval_hf, info = data.load_splits(data.DataOptions(dataset_name=args.data, max_eval_samples=args.max_eval_samples))
     # Spread the images over the split: consecutive video frames would show the same scene.
     eval_hf = eval_hf.select(np.linspace(0, len(eval_hf) - 1, min(n_images, len(eval_hf))).round().astype(int).tolist())
     nets = {"teacher": teacher_dir, **students}
-    preds: Dict[str, List[np.ndarray]] = {}
-    ics: Dict[str, np.ndarray] = {}
+    preds: dict[str, list[np.ndarray]] = {}
+    ics: dict[str, np.ndarray] = {}
     shown = None
     for name, folder in nets.items():
         model = models.load_model(str(folder), info.id2label, role="teacher").eval()
@@ -259,7 +259,7 @@ def figures(args: argparse.Namespace, teacher_dir: Path, students: Dict[str, Pat
 # ---------------------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------------------
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -275,7 +275,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     else:
         teacher = None
 
-    runs: Dict[str, List[dict]] = {}
+    runs: dict[str, list[dict]] = {}
     for method in args.methods:
         for seed in args.seeds:
             print(f"== {method}, seed {seed}, {args.steps} steps")

@@ -1,0 +1,64 @@
+"""Shared by the end-to-end tests: run train_icsd.py as a user would, as a plain process or under
+`accelerate launch`, on the CPU and offline."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CAMVID = ROOT.parent / "shared" / "data" / "camvid"
+TINY = "config:segformer-tiny"
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+ENV.pop("HF_TOKEN", None)
+
+
+def script_cmd(args) -> list:
+    """``python train_icsd.py ARGS``: what `accelerate launch` runs in each process."""
+    return [sys.executable, str(ROOT / "train_icsd.py"), *map(str, args)]
+
+
+def launcher_cmd(args, nproc: int = 1) -> list:
+    """``accelerate launch ... train_icsd.py ARGS`` with ``nproc`` CPU processes."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no"]
+    if nproc > 1:
+        # `--cpu --num_processes 2` silently starts one process; --multi_gpu with ACCELERATE_USE_CPU starts two.
+        cmd += ["--multi_gpu", "--num_processes", str(nproc), "--main_process_port", str(29500 + os.getpid() % 500)]
+    else:
+        cmd += ["--num_processes", "1"]
+    return cmd + [str(ROOT / "train_icsd.py"), *map(str, args)]
+
+
+def launch(args, *, nproc: int = 1, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run train_icsd.py under `accelerate launch` on the CPU; with ``check``, fail the test on a non-zero exit."""
+    threads = "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")
+    env = dict(ENV, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS=threads)
+    proc = subprocess.run(launcher_cmd(args, nproc), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train_icsd.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def numpy_metrics(preds, labels, num_labels, ignore_index):
+    """mIoU, mean and overall accuracy of integer maps, written independently of the script with numpy."""
+    inter = np.zeros(num_labels)
+    area_pred = np.zeros(num_labels)
+    area_label = np.zeros(num_labels)
+    for p, l in zip(preds, labels):
+        keep = l != ignore_index
+        p, l = p[keep], l[keep]
+        for c in range(num_labels):
+            inter[c] += np.sum((p == c) & (l == c))
+            area_pred[c] += np.sum(p == c)
+            area_label[c] += np.sum(l == c)
+    union = area_pred + area_label - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = inter / union
+        acc = inter / area_label
+    return {"mean_iou": np.nanmean(iou), "mean_accuracy": np.nanmean(acc),
+            "overall_accuracy": inter.sum() / area_label.sum(), "per_category_iou": iou}

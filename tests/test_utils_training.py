@@ -1,0 +1,116 @@
+"""Tests of utils_training.py: metrics, schedule, sampler, the loss tracker, checkpoints and the one-line CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+
+import utils_training as utils
+from helpers import numpy_metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics against an independent numpy implementation
+# ---------------------------------------------------------------------------------------------------------
+def test_metrics_match_numpy_with_ignore_and_absent_classes():
+    rng = np.random.default_rng(0)
+    C, ignore = 6, 255
+    preds, labels = [], []
+    for h, w in [(7, 9), (5, 5), (11, 4)]:
+        lab = rng.integers(0, 4, size=(h, w))  # classes 4, 5 never appear in the labels
+        lab[rng.random((h, w)) < 0.2] = ignore
+        pred = rng.integers(0, 5, size=(h, w))  # class 4 predicted but absent; class 5 absent everywhere
+        preds.append(pred)
+        labels.append(lab)
+    cm = sum(utils.confusion_matrix(torch.from_numpy(p), torch.from_numpy(l), C, ignore)
+             for p, l in zip(preds, labels))
+    ours = utils.metrics_from_confusion(cm)
+    ref = numpy_metrics(preds, labels, C, ignore)
+    assert ours["mean_iou"] == pytest.approx(ref["mean_iou"], rel=1e-12)
+    assert ours["mean_accuracy"] == pytest.approx(ref["mean_accuracy"], rel=1e-12)
+    assert ours["overall_accuracy"] == pytest.approx(ref["overall_accuracy"], rel=1e-12)
+    assert ours["per_category_iou"][4] == 0.0  # predicted, never true
+    assert ours["per_category_iou"][5] is None  # neither: left out of the mean
+    np.testing.assert_allclose([v for v in ours["per_category_iou"][:5]], ref["per_category_iou"][:5], rtol=1e-12)
+
+
+def test_lr_schedule_and_sampler_are_pure_functions_of_counters():
+    assert utils.lr_factor(0, 100, "poly") == 1.0
+    assert utils.lr_factor(100, 100, "poly") == 0.0
+    assert utils.lr_factor(50, 100, "poly") == pytest.approx(0.5**0.9)
+    assert utils.lr_factor(0, 100, "linear", warmup=10) == pytest.approx(0.1)
+    assert utils.lr_factor(10, 110, "cosine", warmup=10) == pytest.approx(1.0)
+    s = utils.EpochShuffleSampler(50, seed=3)
+    s.set_epoch(2)
+    first = list(s)
+    assert sorted(first) == list(range(50))
+    s.set_epoch(1)
+    assert list(s) != first
+    s.set_epoch(2)
+    assert list(s) == first
+    state = torch.random.get_rng_state()
+    list(s)
+    assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is untouched
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loss tracker, checkpoints and the command line
+# ---------------------------------------------------------------------------------------------------------
+def test_loss_tracker_averages_and_names_the_first_nonfinite_term():
+    acc = Accelerator(cpu=True)
+    tracker = utils.LossTracker(["loss", "ce", "kd"], acc.device)
+    tracker.add(torch.tensor(3.0), {"ce": torch.tensor(1.0), "kd": torch.tensor(2.0)})
+    tracker.add(torch.tensor(5.0), {"ce": torch.tensor(2.0), "kd": torch.tensor(3.0)})
+    tracker.add(torch.tensor(0.0), {})  # a batch whose samples were all skipped: not counted
+    tracker.pending_skipped = 2
+    outcome = tracker.end_step(acc, stop=False)
+    assert outcome == utils.StepOutcome(nonfinite_term=None, stop=False, skipped_samples=2)
+    assert tracker.averages(acc) == {"train/loss": 4.0, "train/ce": 1.5, "train/kd": 2.5}
+    assert tracker.averages(acc) == {"train/loss": 0.0, "train/ce": 0.0, "train/kd": 0.0}  # reset
+    tracker.add(torch.tensor(float("nan")), {"ce": torch.tensor(1.0), "kd": torch.tensor(float("inf"))})
+    outcome = tracker.end_step(acc, stop=True)
+    assert outcome.nonfinite_term == "kd" and outcome.stop and outcome.skipped_samples == 0
+    assert tracker.end_step(acc, stop=False).nonfinite_term is None  # the flags were reset
+
+
+def test_checkpoints_rotate_and_latest_skips_incomplete_ones(tmp_path):
+    acc = Accelerator(cpu=True)
+    model = acc.prepare(torch.nn.Linear(2, 2))
+    for step in (1, 2, 3):
+        state = utils.TrainState(completed_steps=step, epoch=0, batches_in_epoch=step).to_json(distill="kd")
+        utils.save_checkpoint(acc, model, str(tmp_path), state, total_limit=2)
+    assert [p.name for p in utils.list_checkpoints(str(tmp_path))] == ["step_00000002", "step_00000003"]
+    (tmp_path / "checkpoints" / "step_00000009").mkdir()  # no training_state.json: never taken
+    assert utils.resolve_resume("latest", str(tmp_path)).name == "step_00000003"
+    assert json.loads((tmp_path / "checkpoints" / "step_00000003" / utils.STATE_FILE).read_text())["distill"] == "kd"
+    with pytest.raises(utils.UsageError, match="not a complete checkpoint folder"):
+        utils.resolve_resume(str(tmp_path / "checkpoints" / "step_00000009"), str(tmp_path))
+    state = utils.load_checkpoint(acc, utils.resolve_resume("latest", str(tmp_path)), batches_per_epoch=3)
+    assert (state.completed_steps, state.epoch, state.batches_in_epoch) == (3, 1, 0)  # the epoch was complete
+
+
+def test_checkpoint_of_a_nonfinite_model_is_refused(tmp_path):
+    acc = Accelerator(cpu=True)
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="first in weight"):
+        utils.save_checkpoint(acc, model, str(tmp_path), utils.TrainState().to_json(), None)
+    assert not utils.list_checkpoints(str(tmp_path))
+
+
+def test_run_cli_prints_one_line_and_returns_2(capsys):
+    def failing():
+        raise utils.UsageError("--crop_size takes S or H W\n(positive)")
+
+    assert utils.run_cli(failing, (utils.UsageError,), "prog") == 2
+    assert capsys.readouterr().err == "prog: error: --crop_size takes S or H W (positive)\n"
+    assert utils.run_cli(lambda: None, (utils.UsageError,), "prog") == 0
+    wrapped = RuntimeError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                           "last):\n  File ...\ndata.DataError: row 3: bad label")
+    assert utils.one_line(wrapped) == "row 3: bad label"

@@ -412,7 +412,7 @@ def draw_ics(rows: Sequence[PictureRow], id2label: dict[int, str], temperature: 
     labelled = num <= 40
     font, small, pad = _font(14), _font(11), 10
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    row_labels = [f"{i} {name}" for i, name in enumerate(names)]
+    row_labels = [f"{i}: {name}" for i, name in enumerate(names)]
     left = (max(_text_width(probe, t, small) for t in row_labels) + 8) if labelled else 0
     side, top = num * cell, 44
     panel_w = left + side + pad

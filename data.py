@@ -437,13 +437,67 @@ def _to_uint8(array: np.ndarray, what: str) -> np.ndarray:
     raise BadSampleError(f"{what}: unsupported pixel type {array.dtype}")
 
 
+def pascal_voc_colormap(size: int = 256) -> np.ndarray:
+    """The Pascal VOC colour map: entry ``i`` is the colour VOC draws class index ``i`` in.
+
+    The bits of ``i`` are dealt out in turn to red, green and blue, most significant bit first
+    (0 black, 1 (128, 0, 0), 2 (0, 128, 0), ..., 255 (224, 224, 192), the boundary colour). Distinct
+    indices get distinct colours.
+
+    Returns:
+        (size, 3) uint8 array.
+    """
+    colours = np.zeros((size, 3), dtype=np.uint8)
+    for index in range(size):
+        bits, rgb = index, [0, 0, 0]
+        for shift in range(7, -1, -1):
+            for channel in range(3):
+                rgb[channel] |= ((bits >> channel) & 1) << shift
+            bits >>= 3
+        colours[index] = rgb
+    return colours
+
+
+# 24-bit colour -> VOC index, for RGB renderings of VOC masks.
+_VOC_INDEX_OF_COLOUR = {
+    (int(r) << 16) | (int(g) << 8) | int(b): index for index, (r, g, b) in enumerate(pascal_voc_colormap())
+}
+
+
+def _voc_colours_to_indices(rgb: np.ndarray, what: str) -> np.ndarray:
+    """(H, W, 3) uint8 drawn in the VOC colour map -> (H, W) int64 indices; an unknown colour raises."""
+    codes = (rgb[:, :, 0].astype(np.int64) << 16) | (rgb[:, :, 1].astype(np.int64) << 8) | rgb[:, :, 2]
+    unique, inverse = np.unique(codes, return_inverse=True)
+    lut = np.empty(len(unique), dtype=np.int64)
+    for position, code in enumerate(unique.tolist()):
+        index = _VOC_INDEX_OF_COLOUR.get(code)
+        if index is None:
+            colour = (code >> 16, (code >> 8) & 255, code & 255)
+            raise BadSampleError(
+                f"{what}: the RGB mask holds the colour {colour}, which is not in the Pascal VOC colour map; "
+                "convert colour-coded masks to single-channel class indices (an 'L' or 'P' PNG)"
+            )
+        lut[position] = index
+    return lut[inverse.reshape(codes.shape)]
+
+
 def decode_label(value: Any, what: str = "label") -> np.ndarray:
     """Decode a mask to an (H, W) integer array, keeping its values.
 
-    Palette ("P") masks keep their indices, 16-bit masks keep their values.
-    An RGB mask is accepted only if its three channels are equal; a colour-coded
-    mask raises :class:`BadSampleError` (convert it to class indices first).
+    Palette ("P") masks keep their indices (Pascal VOC's PNGs: classes 0..20, boundary 255), 16-bit masks
+    keep their values. A 3-channel mask whose channels are equal is read as one channel (a grey mask saved as
+    RGB). Any other RGB mask must be drawn in the Pascal VOC colour map (:func:`pascal_voc_colormap`): each
+    colour becomes its index, so VOC's boundary colour (224, 224, 192) becomes 255, the ignore index. A colour
+    outside the map raises :class:`BadSampleError` naming the colour and ``what`` (and the file, when
+    ``value`` is a path).
+
+    A mask drawn in VOC colours that happens to hold only grey entries of the map (black, (128, 128, 128),
+    ...) is read as grey values: real VOC masks always hold the boundary colour as well.
     """
+    if isinstance(value, (str, os.PathLike)):
+        what = f"{what} (file {value})"
+    elif isinstance(value, dict) and value.get("path") and str(value["path"]) not in what:
+        what = f"{what} (file {value['path']})"
     if isinstance(value, (np.ndarray, torch.Tensor, list)):
         array = np.asarray(value)
     else:
@@ -453,10 +507,12 @@ def decode_label(value: Any, what: str = "label") -> np.ndarray:
             array = array[:, :, : array.shape[2] - 1]
         if array.shape[2] == 1 or bool(np.all(array == array[:, :, :1])):
             array = array[:, :, 0]
+        elif array.shape[2] == 3 and array.dtype == np.uint8:
+            array = _voc_colours_to_indices(array, what)
         else:
             raise BadSampleError(
-                f"{what}: the mask is RGB colour-coded; convert it to a single-channel mask of class indices "
-                "(one value per class, e.g. an 'L' or 'P' PNG)"
+                f"{what}: the mask is colour-coded ({array.dtype}, {array.shape[2]} channels); convert it to a "
+                "single-channel mask of class indices (one value per class, e.g. an 'L' or 'P' PNG)"
             )
     if array.ndim != 2:
         raise BadSampleError(f"{what}: expected an (H, W) mask, got shape {array.shape}")

@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import math
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +36,7 @@ import alw
 import data
 import losses
 import models
+import utils_hub
 import utils_training as utils
 from utils_training import UsageError
 
@@ -129,6 +129,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--push_to_hub", action="store_true")
     g.add_argument("--hub_model_id", default=None)
     g.add_argument("--hub_private_repo", action="store_true")
+    g.add_argument("--hub_license", default=None,
+                   help="Licence id for the model card (e.g. apache-2.0); default: the dataset card's license.")
+    g.add_argument("--num_pictures", type=int, default=utils_hub.DEFAULT_NUM_PICTURES,
+                   help="Validation images drawn in predictions.png and ics.png (0: no pictures).")
 
     args = p.parse_args(argv)
     _resolve_defaults(args)
@@ -160,6 +164,8 @@ def _resolve_defaults(args: argparse.Namespace) -> None:
     for name in ("max_train_steps", "eval_steps", "checkpoints_total_limit", "max_train_samples", "max_eval_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1; got {getattr(args, name)}")
+    if args.num_pictures < 0:
+        raise UsageError(f"--num_pictures must be >= 0; got {args.num_pictures}")
     if not args.temperature > 0:
         raise UsageError(f"--temperature must be > 0; got {args.temperature}")
     if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
@@ -263,90 +269,45 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Output: the student, its processor, metrics and a model card; optionally pushed to the Hub
+# Output: pictures for the model card (the export itself and the push are in utils_hub.py)
 # ---------------------------------------------------------------------------------------------------------
-def write_model_card(args: argparse.Namespace, info: data.DataInfo, results: dict, n_params: int) -> str:
-    names = [info.id2label[i] for i in range(info.num_labels)]
-    ious = results.get("eval_per_category_iou") or [None] * len(names)
-    method = {
-        "none": "none (cross-entropy only)",
-        "kd": f"pixel-wise KD (λ_kd={args.lambda_kd}, T={args.temperature})",
-        "cwd": f"channel-wise distillation (λ={args.lambda_cwd}, T={args.temperature})",
-        "ickd": f"inter-channel correlation (λ={args.lambda_ickd})",
-        "icsd": f"ICSD + KD, fixed weights (λ_ics={args.lambda_ics}, λ_kd={args.lambda_kd}, T={args.temperature})",
-        "aicsd": (f"AICSD: ICSD + KD under adaptive loss weighting, {args.alw_granularity} granularity "
-                  f"(λ_ics={args.lambda_ics}, λ_kd={args.lambda_kd}, T={args.temperature})"),
-    }[args.distill]
+@torch.no_grad()
+def picture_rows(
+    accelerator: Accelerator,
+    roles: dict[str, tuple[torch.nn.Module, Callable]],
+    eval_ds: torch.utils.data.Dataset,
+    eval_hf,
+    info: data.DataInfo,
+    count: int,
+    temperature: float,
+) -> list[utils_hub.PictureRow]:
+    """The student's (and teacher's) predictions and ICS matrices on ``count`` fixed validation images.
 
-    def pct(v: float | None) -> str:
-        return "n/a" if v is None else f"{100 * v:.2f}"
-
-    dataset = info.source or args.dataset_name or args.dataset
-    rows = "\n".join(f"| {n} | {pct(v)} |" for n, v in zip(names, ious))
-    teacher_line = ""
-    if "teacher_eval_mean_iou" in results:
-        teacher_line = f"| teacher mIoU | {pct(results['teacher_eval_mean_iou'])} |\n"
-    return f"""---
-library_name: transformers
-pipeline_tag: image-segmentation
-tags: [semantic-segmentation, knowledge-distillation, aicsd]
----
-
-# {Path(args.output_dir).name}
-
-A semantic-segmentation student distilled with [AICSD](https://arxiv.org/abs/2308.04243) tooling.
-
-- **Base model (student):** `{args.student_model_name_or_path}` ({n_params / 1e6:.2f} M parameters)
-- **Teacher:** `{args.teacher_model_name_or_path or 'none'}`
-- **Dataset:** `{dataset}` ({info.num_labels} classes, ignore index {info.ignore_index})
-- **Distillation:** {method}
-- **Training:** {results.get('train_steps')} optimizer steps, learning rate {args.learning_rate}, {args.lr_scheduler_type} schedule, seed {args.seed}
-
-## Validation metrics
-
-| metric | value (%) |
-|---|---|
-| mIoU | {pct(results.get('eval_mean_iou'))} |
-| mean accuracy | {pct(results.get('eval_mean_accuracy'))} |
-| overall (pixel) accuracy | {pct(results.get('eval_overall_accuracy'))} |
-{teacher_line}
-| class | IoU (%) |
-|---|---|
-{rows}
-
-## Usage
-
-```python
-from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
-model = AutoModelForSemanticSegmentation.from_pretrained("{args.hub_model_id or args.output_dir}")
-processor = AutoImageProcessor.from_pretrained("{args.hub_model_id or args.output_dir}")
-```
-
-## Command
-
-```
-{' '.join(_redact(sys.argv))}
-```
-"""
-
-
-def _redact(argv: Sequence[str]) -> list[str]:
-    # No flag takes a token, but a user may still paste one into a path or id: never publish it.
-    return [re.sub(r"hf_[A-Za-z0-9]{20,}", "hf_***", a) for a in argv]
-
-
-def push_to_hub(args: argparse.Namespace) -> None:
-    from huggingface_hub import HfApi
-
-    api = HfApi()  # token from `hf auth login` or HF_TOKEN; never printed
-    repo = api.create_repo(args.hub_model_id, exist_ok=True, private=args.hub_private_repo)
-    api.upload_folder(
-        repo_id=repo.repo_id,
-        folder_path=args.output_dir,
-        commit_message=f"AICSD student ({args.distill})",
-        ignore_patterns=[f"{utils.CHECKPOINT_DIR}/*", "runs/*", "*.tmp*"],
-    )
-    logger.info(f"pushed {args.output_dir} to https://huggingface.co/{repo.repo_id}")
+    ``roles`` maps "student" (and "teacher") to (model, input adapter). Predictions go through
+    ``predict_batch``, as in evaluation; the ICS matrices (C, C) are ``losses.ics_matrix`` of the logits over
+    the image's valid pixels, row-normalised as ICSD compares them.
+    """
+    rows = []
+    for index in utils_hub.picture_indices(len(eval_ds), count):
+        sample = eval_ds[index]
+        if sample.get("skipped"):
+            continue
+        batch = {k: v if k.endswith("_sizes") else v.to(accelerator.device)
+                 for k, v in data.eval_collate([sample]).items() if k != "num_skipped"}
+        label = batch["labels"][0]
+        out = {}
+        for role, (model, adapter) in roles.items():
+            was_training = model.training
+            model.eval()
+            with accelerator.autocast():
+                pred = predict_batch(model, batch, adapter)[0]
+                logits = models.segmentation_logits(model, adapter(batch["pixel_values"])).float()
+            model.train(was_training)
+            ics = losses.row_normalize(losses.ics_matrix(logits, (label != info.ignore_index)[None], temperature))
+            out[role], out[f"{role}_ics"] = pred.cpu().numpy(), ics[0].cpu().numpy()
+        rows.append(utils_hub.PictureRow(index=index, image=data.decode_image(eval_hf[index][info.image_column]),
+                                         label=label.cpu().numpy(), **out))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -418,7 +379,8 @@ def build_dataloaders(args: argparse.Namespace, train_hf, eval_hf, info: data.Da
     shard = Subset(eval_ds, range(accelerator.process_index, len(eval_ds), accelerator.num_processes))
     eval_dataloader = DataLoader(shard, batch_size=args.per_device_eval_batch_size, shuffle=False,
                                  collate_fn=data.eval_collate, **loader_kwargs)
-    return argparse.Namespace(train=train_dataloader, eval=eval_dataloader, sampler=sampler, train_ds=train_ds)
+    return argparse.Namespace(train=train_dataloader, eval=eval_dataloader, sampler=sampler, train_ds=train_ds,
+                              eval_ds=eval_ds)
 
 
 def plan_schedule(args: argparse.Namespace, batches_per_epoch: int) -> argparse.Namespace:
@@ -481,19 +443,32 @@ def eval_student(accelerator, student, eval_dataloader, info, models_, step: int
     student.train()
 
 
-def save_export(args, accelerator, student, processor, info, results: dict, n_params: int) -> None:
-    """The student for ``from_pretrained``: weights, config, image processor, ``all_results.json``, model card."""
+def save_export(args, accelerator, student, nets: dict, loaders, eval_hf, info, results: dict) -> None:
+    """The student for ``from_pretrained`` and the Hub: weights and config, then (utils_hub.py) pictures, an image
+    processor that prepares images as evaluation did, ``all_results.json`` and the model card; then the push."""
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(student)
     unwrapped.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process,
                               save_function=accelerator.save, state_dict=accelerator.get_state_dict(student))
+    # Every process draws the pictures' predictions (as in evaluate, the student may be sharded); the main
+    # process writes.
+    roles = {"student": (unwrapped, nets["student_adapter"])}
+    if nets["teacher"] is not None:
+        roles["teacher"] = (nets["teacher"], nets["teacher_adapter"])
+    rows = picture_rows(accelerator, roles, loaders.eval_ds, eval_hf, info, args.num_pictures, args.temperature)
     if accelerator.is_main_process:
-        processor.save_pretrained(args.output_dir)
-        with open(Path(args.output_dir) / "all_results.json", "w") as f:
+        with open(Path(args.output_dir) / utils_hub.RESULTS_FILE, "w") as f:
             json.dump(results, f, indent=2)
-        (Path(args.output_dir) / "README.md").write_text(write_model_card(args, info, results, n_params))
+        teacher = nets["teacher"]
+        utils_hub.export_folder(
+            args.output_dir, args=args, info=info, results=results, processor=nets["processor"], rows=rows,
+            argv=sys.argv, student=utils_hub.describe_model(args.student_model_name_or_path, unwrapped),
+            teacher=utils_hub.describe_model(args.teacher_model_name_or_path, teacher) if teacher is not None else None,
+            dataset=utils_hub.describe_dataset(info, str(getattr(eval_hf, "split", None) or "validation"),
+                                               len(loaders.eval_ds), args.max_eval_samples is not None))
         if args.push_to_hub:
-            push_to_hub(args)
+            utils_hub.push_to_hub(args.output_dir, args.hub_model_id, private=args.hub_private_repo,
+                                  commit_message=f"AICSD student ({args.distill})")
     accelerator.wait_for_everyone()
 
 
@@ -504,7 +479,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Train (and distil) the student as the flags say; return the final metrics (``all_results.json``)."""
     args = parse_args(argv)
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision, project_dir=args.output_dir,
+                              mixed_precision=args.mixed_precision,
+                              project_dir=str(Path(args.output_dir) / utils_hub.TRACKER_DIR),  # outside the export
                               log_with=args.report_to if args.with_tracking else None)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not accelerator.is_local_main_process:
@@ -524,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     # Load models
     nets = load_models(args, info, accelerator)
-    student, teacher, n_params = nets["student"], nets["teacher"], models.count_parameters(nets["student"])
+    student, teacher = nets["student"], nets["teacher"]
 
     # Preprocessing, data loaders and optimizer
     loaders = build_dataloaders(args, train_hf, eval_hf, info, nets["mean"], nets["std"], accelerator)
@@ -635,7 +611,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         state.completed_steps)
 
     # Save (and push)
-    save_export(args, accelerator, student, nets["processor"], info, results, n_params)
+    save_export(args, accelerator, student, nets, loaders, eval_hf, info, results)
     accelerator.end_training()
     return results
 

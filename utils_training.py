@@ -14,7 +14,7 @@ What is here, in the order the script meets it:
 * :class:`MetricLogger`: trackers and the ``--log_file`` JSON lines;
 * :func:`confusion_matrix` / :func:`metrics_from_confusion`: the evaluation metrics.
 
-It imports torch and accelerate only: no project module.
+It imports torch, accelerate and (for one folder name) utils_hub.
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from torch.utils.data import Sampler
 
+from utils_hub import CHECKPOINT_DIR  # the one name of the folder that a push leaves out
+
 logger = get_logger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "training_state.json"
 
 

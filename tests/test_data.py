@@ -247,11 +247,51 @@ def test_unusual_image_modes_are_converted(tmp_path):
     assert np.array_equal(decoded["I16"][1], label_values)
 
 
-def test_colour_coded_label_is_refused():
+def voc_label(h: int = 12, w: int = 16) -> np.ndarray:
+    """Class indices as in a Pascal VOC mask: background, two objects, 255 on their boundaries."""
+    label = np.zeros((h, w), dtype=np.uint8)
+    label[2:7, 2:8], label[6:11, 9:15] = 15, 7  # person; car, whose VOC colour is grey (128, 128, 128)
+    label[1, 1:9], label[7, 1:9], label[1:8, 1], label[1:8, 8] = 255, 255, 255, 255
+    label[5:12, 8] = 255
+    return label
+
+
+def test_voc_palette_and_rgb_masks_decode_to_the_same_class_indices(tmp_path):
+    label = voc_label()
+    palette_mask = Image.fromarray(label, mode="L").convert("P")
+    palette_mask.putpalette(data.pascal_voc_colormap().flatten().tolist())
+    palette_mask.save(tmp_path / "voc_p.png")
+    palette_mask.convert("RGB").save(tmp_path / "voc_rgb.png")  # the same mask drawn in VOC colours
+    assert Image.open(tmp_path / "voc_rgb.png").getpixel((1, 1)) == (224, 224, 192)  # the boundary colour
+    assert Image.open(tmp_path / "voc_rgb.png").getpixel((3, 3)) == (192, 128, 128)  # person
+    for name in ("voc_p.png", "voc_rgb.png"):
+        decoded = data.decode_label(str(tmp_path / name))
+        assert decoded.dtype == np.int64 and np.array_equal(decoded, label), name
+    grey_rgb = np.dstack([label] * 3)  # a grey mask saved with three equal channels (Cityscapes exports)
+    assert np.array_equal(data.decode_label(grey_rgb), label)
+
+    # Through the pascal-voc preset, both forms give the same training ids, the boundary ignored.
+    folder = write_dataset(tmp_path / "voc", {split: {
+        "image": [png_bytes(rgb(12, 16, seed)) for seed in range(2)],
+        "mask": [png_bytes(palette_mask), png_bytes(palette_mask.convert("RGB"))],
+    } for split in ("train", "val")})
+    _, evaluation, info = data.load_splits("pascal-voc", str(folder))
+    assert info.ignore_index == 255 and info.num_labels == 21
+    ds = data.build_eval_dataset(evaluation, info, mean=MEAN, std=STD)
+    for i in range(2):
+        assert torch.equal(ds[i]["labels"], torch.from_numpy(label.astype(np.int64)))
+
+
+def test_rgb_mask_with_a_colour_outside_the_voc_map_is_one_line_naming_colour_and_file(tmp_path):
     colour = np.zeros((4, 4, 3), dtype=np.uint8)
-    colour[:2] = (128, 64, 128)
-    with pytest.raises(data.BadSampleError, match="colour-coded"):
-        data.decode_label(png_bytes(Image.fromarray(colour)), "row 3 label")
+    colour[:2] = (244, 35, 232)  # Cityscapes' sidewalk colour
+    path = tmp_path / "frankfurt_000000_gtFine_color.png"
+    Image.fromarray(colour).save(path)
+    with pytest.raises(data.BadSampleError) as err:
+        data.decode_label(str(path), "val row 3 label")
+    message = str(err.value)
+    assert "\n" not in message and "(244, 35, 232)" in message and str(path) in message
+    assert "not in the Pascal VOC colour map" in message and message.startswith("val row 3 label")
 
 
 def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -156,41 +155,6 @@ def test_bad_flags_fail_with_one_line(tmp_path):
     proc = launch(["--dataset", "no-such-preset", "--output_dir", tmp_path], check=False)
     assert proc.returncode != 0
     assert "train_icsd.py: error: unknown --dataset 'no-such-preset'; presets:" in proc.stderr
-
-
-def test_push_to_hub_uploads_the_output_folder_without_checkpoints(tmp_path, monkeypatch):
-    import huggingface_hub
-    from accelerate import PartialState
-
-    PartialState()  # the script's logger needs it, as under `accelerate launch`
-    calls = {}
-
-    class FakeApi:
-        def create_repo(self, repo_id, exist_ok, private):
-            calls["create"] = (repo_id, exist_ok, private)
-            return type("Repo", (), {"repo_id": f"someone/{repo_id}"})()
-
-        def upload_folder(self, repo_id, folder_path, commit_message, ignore_patterns):
-            calls["upload"] = (repo_id, folder_path, ignore_patterns)
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    args = train_icsd.parse_args(["--dataset", "synthetic", "--output_dir", str(tmp_path / "my-student"),
-                                  "--push_to_hub", "--distill", "none"])
-    assert args.hub_model_id == "my-student"  # defaults to the output folder's name
-    train_icsd.push_to_hub(args)
-    assert calls["create"] == ("my-student", True, False)
-    repo_id, folder, ignore = calls["upload"]
-    assert repo_id == "someone/my-student" and folder == str(tmp_path / "my-student")
-    assert "checkpoints/*" in ignore
-
-
-def test_model_card_redacts_tokens_and_names_the_method(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["train_icsd.py", "--dataset_name", "hf_abcdefghijklmnopqrstuvwxyz123456"])
-    args = train_icsd.parse_args(["--dataset", "synthetic", "--distill", "aicsd", "--lambda_ics", "7"])
-    _, _, info = data.load_splits(data.DataOptions("synthetic", max_train_samples=2, max_eval_samples=2))
-    card = train_icsd.write_model_card(args, info, {"eval_mean_iou": 0.5, "eval_per_category_iou": [0.5] * 9}, 10)
-    assert "hf_abcdefghijklmnopqrstuvwxyz123456" not in card and "hf_***" in card
-    assert "λ_ics=7.0" in card and "AICSD" in card and "| mIoU | 50.00 |" in card
 
 
 def test_tracking_logs_every_term_alpha_and_lr_to_tensorboard(tmp_path):

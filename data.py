@@ -224,8 +224,7 @@ DATASET_PRESETS: dict[str, DatasetPreset] = {
         eval_split="validation",
         notes=(
             "No parquet CamVid with the 11-class SegNet labels was found on the Hub (copies there are RAR "
-            "archives or colour masks), so pass a local folder with --dataset_name (e.g. "
-            "../shared/data/camvid). No public CamVid teacher exists in transformers format: train one first "
+            "archives or colour masks). No public CamVid teacher exists in transformers format: train one first "
             "(e.g. fine-tune nvidia/segformer-b2-finetuned-cityscapes-1024-1024 or nvidia/mit-b2) and pass its "
             "output folder as the teacher."
         ),

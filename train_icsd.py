@@ -59,78 +59,112 @@ PREFLIGHT_SAMPLES = 8  # per split, decoded and checked before any model is load
 # ---------------------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------------------
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default, once: the value argparse knows, unless the help text already says where it comes
+    from (a preset, the model, Accelerate)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if action.default is None:
+            return f"{text} (default: none)".strip()
+        if action.default is False:
+            return f"{text} (default: off)".strip()
+        return f"{text} (default: %(default)s)".strip()
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The command line, with defaults filled in from the dataset preset; a bad value raises UsageError."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=None, help=f"Preset: one of {sorted(data.DATASET_PRESETS)}.")
-    g.add_argument("--dataset_name", default=None, help="Hub id or local folder (overrides the preset's id).")
-    g.add_argument("--dataset_config_name", default=None)
-    g.add_argument("--image_column", default=None)
-    g.add_argument("--label_column", default=None)
-    g.add_argument("--id2label", default=None, help="JSON file {id: name} when the dataset has no id2label.json.")
-    g.add_argument("--ignore_index", type=int, default=None, help="Label value to ignore (default: preset's, else 255).")
+    g.add_argument("--dataset", default=None,
+                   help=f"Preset, one of {', '.join(sorted(data.DATASET_PRESETS))}: its Hub id, classes, crop and "
+                        "models become the defaults.")
+    g.add_argument("--dataset_name", default=None,
+                   help="Hub id or local folder (default: the preset's Hub id; one of the two is needed).")
+    g.add_argument("--dataset_config_name", default=None, help="Configuration of the dataset, if it has several.")
+    g.add_argument("--image_column", default=None, help="Image column (default: found among image, pixel_values, img).")
+    g.add_argument("--label_column", default=None,
+                   help="Label column (default: found among label, mask, annotation, segmentation, gt, ...).")
+    g.add_argument("--id2label", default=None,
+                   help="JSON file {id: name} (default: the dataset's id2label.json, else the preset's classes).")
+    g.add_argument("--ignore_index", type=int, default=None, help="Label value to ignore (default: the preset's, else 255).")
     g.add_argument("--do_reduce_labels", action="store_true", default=None,
-                   help="Map label 0 to the ignore index and shift the others down by one (ADE20K style).")
-    g.add_argument("--train_split", default="train")
-    g.add_argument("--validation_split", default=None)
-    g.add_argument("--crop_size", type=int, nargs="+", default=None, help="Training crop: S or H W (default: preset's).")
-    g.add_argument("--eval_short_side", type=int, default=None, help="Resize eval images to this short side.")
-    g.add_argument("--max_train_samples", type=int, default=None)
-    g.add_argument("--max_eval_samples", type=int, default=None)
+                   help="Map label 0 to the ignore index and shift the others down by one, ADE20K style "
+                        "(default: the preset's, else off).")
+    g.add_argument("--train_split", default="train", help="Training split.")
+    g.add_argument("--validation_split", default=None,
+                   help="Evaluation split (default: validation/val/valid/test, else 10%% of train carved with the seed).")
+    g.add_argument("--crop_size", type=int, nargs="+", default=None, help="Training crop: S or H W (default: the preset's).")
+    g.add_argument("--eval_short_side", type=int, default=None,
+                   help="Resize evaluation images to this short side (default: whole images).")
+    g.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N training samples.")
+    g.add_argument("--max_eval_samples", type=int, default=None, help="Use only the first N evaluation samples.")
     g.add_argument("--skip_bad_samples", action="store_true", help="Skip (and count) undecodable samples.")
-    g.add_argument("--dataloader_num_workers", type=int, default=2)
+    g.add_argument("--dataloader_num_workers", type=int, default=2, help="DataLoader worker processes per process.")
 
     g = p.add_argument_group("models")
     g.add_argument("--teacher_model_name_or_path", default=None,
-                   help="Hub id, local folder (e.g. an earlier --distill none run) or config: preset.")
-    g.add_argument("--student_model_name_or_path", default=None)
-    g.add_argument("--trust_remote_code", action="store_true")
+                   help="Hub id, local folder (e.g. an earlier --distill none run) or config: preset "
+                        "(default: the dataset preset's teacher).")
+    g.add_argument("--student_model_name_or_path", default=None,
+                   help="Hub id, local folder or config: preset (default: the dataset preset's student).")
+    g.add_argument("--trust_remote_code", action="store_true", help="Allow models and datasets to run their own code.")
     g.add_argument("--eval_teacher", action="store_true", help="Evaluate the teacher once before training.")
 
     g = p.add_argument_group("distillation")
-    g.add_argument("--distill", choices=DISTILL_MODES, default="aicsd")
-    g.add_argument("--lambda_ics", type=float, default=alw.DEFAULT_LAMBDA_ICS)
-    g.add_argument("--lambda_kd", type=float, default=alw.DEFAULT_LAMBDA_KD)
+    g.add_argument("--distill", choices=DISTILL_MODES, default="aicsd",
+                   help="Objective: none (CE only; also trains a teacher), kd, cwd, ickd, icsd (fixed weights) or aicsd.")
+    g.add_argument("--lambda_ics", type=float, default=alw.DEFAULT_LAMBDA_ICS, help="Weight of ICSD.")
+    g.add_argument("--lambda_kd", type=float, default=alw.DEFAULT_LAMBDA_KD, help="Weight of pixel-wise KD.")
     g.add_argument("--lambda_cwd", type=float, default=3.0, help="Weight of the CWD baseline.")
     g.add_argument("--lambda_ickd", type=float, default=10.0, help="Weight of the ICKD baseline.")
-    g.add_argument("--temperature", type=float, default=alw.DEFAULT_TEMPERATURE)
-    g.add_argument("--alw_granularity", choices=("epoch", "step"), default="epoch")
+    g.add_argument("--temperature", type=float, default=alw.DEFAULT_TEMPERATURE, help="Softmax temperature T of KD, ICSD, CWD.")
+    g.add_argument("--alw_granularity", choices=("step", "epoch"), default="step",
+                   help="How ALW's alpha rises from 0 to 1: every optimizer step (alpha = step / steps), or once per "
+                        "epoch (alpha = epoch / epochs), which reproduces the paper exactly.")
 
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--per_device_train_batch_size", type=int, default=8)
-    g.add_argument("--per_device_eval_batch_size", type=int, default=4)
-    g.add_argument("--learning_rate", type=float, default=6e-5)
-    g.add_argument("--weight_decay", type=float, default=0.01)
-    g.add_argument("--num_train_epochs", type=int, default=50)
-    g.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--lr_scheduler_type", choices=SCHEDULERS, default="poly")
-    g.add_argument("--num_warmup_steps", type=int, default=0)
-    g.add_argument("--max_grad_norm", type=float, default=None, help="Clip gradients to this norm.")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--per_device_train_batch_size", type=int, default=8, help="Training batch per process.")
+    g.add_argument("--per_device_eval_batch_size", type=int, default=4, help="Evaluation batch per process.")
+    g.add_argument("--learning_rate", type=float, default=6e-5,
+                   help="AdamW learning rate; suits pretrained models (config: models from scratch need ~1e-3).")
+    g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay.")
+    g.add_argument("--num_train_epochs", type=int, default=50, help="Epochs, unless --max_train_steps is given.")
+    g.add_argument("--max_train_steps", type=int, default=None,
+                   help="Optimizer steps; overrides --num_train_epochs (default: epochs x steps per epoch).")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
+    g.add_argument("--lr_scheduler_type", choices=SCHEDULERS, default="poly", help="Learning-rate schedule.")
+    g.add_argument("--num_warmup_steps", type=int, default=0, help="Linear warm-up steps.")
+    g.add_argument("--max_grad_norm", type=float, default=None, help="Clip gradients to this norm (default: no clipping).")
     g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
-                   help="Default: what `accelerate config` / `accelerate launch` says.")
-    g.add_argument("--seed", type=int, default=42)
+                   help="Mixed precision (default: what `accelerate config` / `accelerate launch` says).")
+    g.add_argument("--seed", type=int, default=42, help="Seed of data order, augmentation, initialization.")
     g.add_argument("--skip_nonfinite_steps", action="store_true",
                    help="Skip (and count) a step whose loss is NaN/Inf instead of stopping the run.")
 
     g = p.add_argument_group("output")
-    g.add_argument("--output_dir", default="outputs/aicsd")
-    g.add_argument("--checkpointing_steps", default=None, help="Save state every N optimizer steps, or 'epoch'.")
-    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
-    g.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
-    g.add_argument("--eval_steps", type=int, default=None, help="Evaluate every N optimizer steps (and at the end).")
-    g.add_argument("--logging_steps", type=int, default=10)
-    g.add_argument("--with_tracking", action="store_true")
+    g.add_argument("--output_dir", default="outputs/aicsd", help="Where the student, checkpoints and logs go.")
+    g.add_argument("--checkpointing_steps", default=None,
+                   help="Save the training state every N optimizer steps, or 'epoch' (default: no checkpoints).")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None,
+                   help="Keep only the newest N checkpoints (default: keep all).")
+    g.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest' (default: start afresh).")
+    g.add_argument("--eval_steps", type=int, default=None,
+                   help="Evaluate every N optimizer steps (default: only at the end).")
+    g.add_argument("--logging_steps", type=int, default=10, help="Log the loss terms every N optimizer steps.")
+    g.add_argument("--with_tracking", action="store_true", help="Log to the trackers of --report_to.")
     g.add_argument("--log_file", default=None,
                    help="Append the logged metrics as JSON lines ({'step': N, 'train/loss': ...}), from the main "
                         "process, averaged over all processes. Needs no tracker. After a resume, the steps after "
-                        "the checkpoint are logged again (the later line wins).")
-    g.add_argument("--report_to", default="all", help="Tracker(s) for --with_tracking: tensorboard, wandb, …, all.")
-    g.add_argument("--push_to_hub", action="store_true")
-    g.add_argument("--hub_model_id", default=None)
-    g.add_argument("--hub_private_repo", action="store_true")
+                        "the checkpoint are logged again (the later line wins). (default: none)")
+    g.add_argument("--report_to", default="all", help="Tracker(s) for --with_tracking: tensorboard, wandb, ..., all.")
+    g.add_argument("--push_to_hub", action="store_true", help="Push the student and its model card to the Hub.")
+    g.add_argument("--hub_model_id", default=None, help="Hub repo id (default: the output folder's name).")
+    g.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo private.")
     g.add_argument("--hub_license", default=None,
-                   help="Licence id for the model card (e.g. apache-2.0); default: the dataset card's license.")
+                   help="Licence id for the model card, e.g. apache-2.0 (default: the dataset card's license).")
     g.add_argument("--num_pictures", type=int, default=utils_hub.DEFAULT_NUM_PICTURES,
                    help="Validation images drawn in predictions.png and ics.png (0: no pictures).")
 
@@ -250,7 +284,7 @@ def evaluate(
     model.eval()
     cm = torch.zeros(num_labels, num_labels, dtype=torch.long, device=accelerator.device)
     skipped = 0
-    for batch in tqdm(dataloader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
+    for batch in tqdm(dataloader, desc=desc, disable=not utils.show_progress_bars(accelerator), leave=False):
         skipped += int(batch.pop("num_skipped"))
         if batch["pixel_values"].shape[0] == 0:  # every sample of the batch was skipped
             continue
@@ -349,9 +383,9 @@ def load_models(args: argparse.Namespace, info: data.DataInfo, accelerator: Acce
                                                         trust_remote_code=args.trust_remote_code)
         teacher_adapter = models.make_input_adapter(mean, std, teacher_processor)
         teacher.to(accelerator.device)  # prepare() refuses a model without trainable parameters
-    logger.info(f"student {args.student_model_name_or_path}: {models.count_parameters(student) / 1e6:.2f} M parameters; "
-                f"teacher {args.teacher_model_name_or_path}: "
-                f"{models.count_parameters(teacher) / 1e6 if teacher is not None else 0:.2f} M")
+    logger.info(f"student {args.student_model_name_or_path}: {models.count_parameters(student) / 1e6:.2f} M parameters"
+                + (f"; teacher {args.teacher_model_name_or_path}: {models.count_parameters(teacher) / 1e6:.2f} M"
+                   if teacher is not None else ""))
     return dict(student=student, processor=processor, student_adapter=models.make_input_adapter(mean, std, processor),
                 teacher=teacher, teacher_adapter=teacher_adapter, mean=mean, std=std)
 
@@ -390,8 +424,12 @@ def plan_schedule(args: argparse.Namespace, batches_per_epoch: int) -> argparse.
         max_train_steps, num_epochs = args.num_train_epochs * steps_per_epoch, args.num_train_epochs
     else:
         max_train_steps, num_epochs = args.max_train_steps, math.ceil(args.max_train_steps / steps_per_epoch)
+    if args.distill == "aicsd" and args.alw_granularity == "epoch" and num_epochs == 1:
+        # alpha = epoch / epochs is 0 for the whole run: no CE, no ICSD, only KD.
+        raise UsageError("--alw_granularity epoch over a 1-epoch run keeps ALW's alpha at 0 throughout (no CE, no "
+                         "ICSD: pure KD); use --alw_granularity step (the default) or train for more epochs")
     if args.distill == "aicsd" and args.alw_granularity == "epoch" and num_epochs < 10:
-        logger.warning(f"ALW at epoch granularity over {num_epochs} epoch(s): alpha takes only {num_epochs} values "
+        logger.warning(f"ALW at epoch granularity over {num_epochs} epochs: alpha takes only {num_epochs} values "
                        f"({', '.join(f'{alw.alw_alpha(e, num_epochs):.2f}' for e in range(num_epochs))}); "
                        "--alw_granularity step moves it every optimizer step")
     checkpoint_every = (steps_per_epoch if args.checkpointing_steps == "epoch"
@@ -400,6 +438,11 @@ def plan_schedule(args: argparse.Namespace, batches_per_epoch: int) -> argparse.
         steps_per_epoch=steps_per_epoch, max_train_steps=max_train_steps, num_epochs=num_epochs,
         alw_total=num_epochs if args.alw_granularity == "epoch" else max_train_steps,
         checkpoint_every=checkpoint_every)
+
+
+def alw_alpha_at(args: argparse.Namespace, plan: argparse.Namespace, epoch: int, step: int) -> float:
+    """ALW's alpha for optimizer step ``step`` (0-based) of ``epoch``: ``step / steps`` or ``epoch / epochs``."""
+    return alw.alw_alpha(epoch if args.alw_granularity == "epoch" else step, plan.alw_total)
 
 
 def epoch_loader(accelerator: Accelerator, loaders: argparse.Namespace, epoch: int, skip_batches: int):
@@ -438,7 +481,7 @@ def eval_student(accelerator, student, eval_dataloader, info, models_, step: int
     cm, _ = evaluate(accelerator, accelerator.unwrap_model(student), eval_dataloader, info.num_labels,
                      info.ignore_index, models_["student_adapter"])
     m = utils.metrics_from_confusion(cm)
-    logger.info(f"step {step}: mIoU {m['mean_iou']}, pixel acc {m['overall_accuracy']}")
+    logger.info(f"step {step}: {utils.format_metrics(m)}")
     log({f"eval/{k}": v for k, v in m.items() if not k.startswith("per_")}, step)
     student.train()
 
@@ -485,7 +528,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not accelerator.is_local_main_process:
         logging.getLogger().setLevel(logging.WARNING)
-    logger.info(accelerator.state, main_process_only=False)
+    logger.info(str(accelerator.state).replace("\n\n", "\n").strip().replace("\n", "; "), main_process_only=False)
+    utils.quiet_library_progress_bars(accelerator)
+    utils.one_line_warnings()
     set_seed(args.seed)
     utils.install_stop_handlers()
     if accelerator.is_main_process:
@@ -518,7 +563,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         cm, _ = evaluate(accelerator, teacher, loaders.eval, info.num_labels, info.ignore_index,
                          nets["teacher_adapter"], "eval teacher")
         results.update({f"teacher_eval_{k}": v for k, v in utils.metrics_from_confusion(cm).items()})
-        logger.info(f"teacher mIoU {results['teacher_eval_mean_iou']}")
+        logger.info(f"teacher: {utils.format_metrics(results, 'teacher_eval_')}")
 
     # Resume
     resume_from = utils.resolve_resume(args.resume_from_checkpoint, args.output_dir)
@@ -526,10 +571,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     # Train!
     total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info(f"***** {args.distill}: {len(loaders.train_ds)} training images, {plan.num_epochs} epochs, "
+    logger.info(f"***** {args.distill}: {len(loaders.train_ds)} training images, {utils.plural(plan.num_epochs, 'epoch')}, "
                 f"{plan.max_train_steps} steps, global batch {total_batch}, {accelerator.num_processes} process(es) *****")
     progress = tqdm(range(plan.max_train_steps), initial=state.completed_steps,
-                    disable=not accelerator.is_local_main_process)
+                    disable=not utils.show_progress_bars(accelerator))
     tracker = utils.LossTracker(["loss", *LOSS_TERMS[args.distill]], accelerator.device)
     run_info = dict(max_train_steps=plan.max_train_steps, alw_total=plan.alw_total,
                     alw_granularity=args.alw_granularity, distill=args.distill)
@@ -544,7 +589,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for batch in loader:
             state.batches_in_epoch += 1
             tracker.pending_skipped += int(batch.pop("num_skipped", torch.zeros(())).sum())
-            alpha = alw.alw_alpha(epoch if args.alw_granularity == "epoch" else state.completed_steps, plan.alw_total)
+            alpha = alw_alpha_at(args, plan, epoch, state.completed_steps)
             with accelerator.accumulate(student):
                 if batch["pixel_values"].shape[0] == 0:
                     # Every sample was skipped: a zero loss that touches every parameter keeps DDP in step.
@@ -578,6 +623,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 logs = {**tracker.averages(accelerator), "train/lr": optimizer.param_groups[0]["lr"], "train/epoch": epoch}
                 logs.update({"train/alpha": alpha} if args.distill == "aicsd" else {})
                 progress.set_postfix({k[6:]: f"{logs[k]:.4f}" for k in ("train/loss", "train/alpha") if k in logs})
+                logger.info(utils.format_train_log(step, plan.max_train_steps, logs))
                 log(logs, step)
             if args.eval_steps and step % args.eval_steps == 0 and not last:
                 eval_student(accelerator, student, loaders.eval, info, nets, step, log)
@@ -603,8 +649,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     results.update(train_steps=state.completed_steps, train_runtime_s=round(time.time() - started, 2),
                    skipped_steps=state.skipped_steps, skipped_samples=state.skipped_samples,
                    eval_skipped_samples=eval_skipped, num_processes=accelerator.num_processes, distill=args.distill)
-    logger.info(f"final mIoU {results['eval_mean_iou']}, mean acc {results['eval_mean_accuracy']}, "
-                f"pixel acc {results['eval_overall_accuracy']}")
+    logger.info(f"final: {utils.format_metrics(results, 'eval_')}")
     if state.skipped_samples:
         logger.warning(f"{state.skipped_samples} undecodable training samples were skipped")
     log({f"eval/{k[5:]}": v for k, v in results.items() if k.startswith("eval_") and isinstance(v, float)},

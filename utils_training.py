@@ -30,6 +30,7 @@ import re
 import shutil
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -229,6 +230,54 @@ class MetricLogger:
         if self.log_file and self.accelerator.is_main_process:
             with open(self.log_file, "a") as f:  # reopened each time: nothing is lost to a kill but the line
                 f.write(json.dumps({"step": step, **logs}) + "\n")
+
+
+def show_progress_bars(accelerator: Accelerator) -> bool:
+    """Progress bars on the local main process, and only on a terminal: in a log file their ``\\r`` frames are noise."""
+    return accelerator.is_local_main_process and sys.stderr.isatty()
+
+
+def quiet_library_progress_bars(accelerator: Accelerator) -> None:
+    """Switch off the progress bars of transformers, datasets and huggingface_hub where ours are off."""
+    if show_progress_bars(accelerator):
+        return
+    import datasets
+    import huggingface_hub
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
+
+
+def one_line_warnings() -> None:
+    """Print Python warnings as ``UserWarning: message``, one line, without the source line they point at."""
+    warnings.formatwarning = lambda message, category, *_, **__: f"{category.__name__}: {message}\n"
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 epoch``, ``2 epochs``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def format_metrics(metrics: dict, prefix: str = "") -> str:
+    """``mIoU 41.75 %, mean acc 51.41 %, pixel acc 76.59 %`` from ``{prefix}mean_iou`` and the accuracies."""
+    names = (("mean_iou", "mIoU"), ("mean_accuracy", "mean acc"), ("overall_accuracy", "pixel acc"))
+    return ", ".join(f"{label} {'n/a' if metrics.get(prefix + key) is None else f'{100 * metrics[prefix + key]:.2f} %'}"
+                     for key, label in names)
+
+
+def format_train_log(step: int, total: int, logs: dict) -> str:
+    """One log-file line: ``step 20/300: loss 1.2345, ce 0.8123, ..., alpha 0.063, lr 9.40e-04``.
+
+    The raw (unweighted) terms stay in the trackers and ``--log_file``.
+    """
+    terms = [f"{k[6:]} {v:.4f}" for k, v in logs.items()
+             if k.startswith("train/") and k[6:] not in ("lr", "epoch", "alpha") and not k[6:].startswith("raw_")]
+    if "train/alpha" in logs:
+        terms.append(f"alpha {logs['train/alpha']:.3f}")
+    terms.append(f"lr {logs['train/lr']:.2e}")
+    return f"step {step}/{total}: " + ", ".join(terms)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -401,8 +401,9 @@ def test_hub_dataset_fails_fast_when_network_is_down(monkeypatch):
 
 
 def test_preset_without_hub_copy_asks_for_a_folder():
-    with pytest.raises(data.DataError, match="pass --dataset_name"):
+    with pytest.raises(data.DataError, match="pass --dataset_name") as err:
         data.load_splits(data.DataOptions(dataset="camvid"))
+    assert str(err.value).count("--dataset_name") == 1 and str(err.value).count("../shared/data/camvid") == 1
 
 
 def test_split_size_checks():

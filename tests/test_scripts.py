@@ -1,4 +1,5 @@
-"""Smoke tests of the user-facing scripts: the offline demo, tools/study.py (--quick) and tools/loss_scales.py."""
+"""Smoke tests of the user-facing scripts: the offline demo, tools/study.py (--quick), tools/loss_scales.py and
+tools/compare.py."""
 
 from __future__ import annotations
 
@@ -55,3 +56,18 @@ def test_loss_scales_prints_one_row_per_student():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| config:")]
     assert len(rows) == 2 and all(len(r.split("|")) == 8 for r in rows)
+
+
+def test_compare_prints_one_row_per_run(tmp_path):
+    for name, miou in (("teacher", 0.4175), ("alone", 0.3989)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "all_results.json").write_text(json.dumps(
+            {"eval_mean_iou": miou, "eval_mean_accuracy": 0.5, "eval_overall_accuracy": None, "distill": "none",
+             "train_steps": 7}))
+    cmd = [sys.executable, str(ROOT / "tools" / "compare.py"), str(tmp_path / "teacher"), str(tmp_path / "alone")]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[2:] == ["| teacher | none | 7 | 41.75 | 50.00 | n/a |",
+                                            "| alone | none | 7 | 39.89 | 50.00 | n/a |"]
+    proc = subprocess.run(cmd + [str(tmp_path / "missing")], env=ENV, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("compare.py: error: no all_results.json in ")

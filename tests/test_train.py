@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -178,3 +179,53 @@ def test_tracking_logs_every_term_alpha_and_lr_to_tensorboard(tmp_path):
     acc.Reload()
     alphas = [e.value for e in acc.Scalars("train/alpha")]
     assert alphas == pytest.approx([1 / 4, 3 / 4])  # logged after steps 2 and 4: alpha of steps 1 and 3 (0-based)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Defaults that keep the method, and logs a person can read
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("num_samples, batch, steps", [(367, 8, 30), (16, 2, 3), (64, 8, 15), (100, 4, 40), (9, 4, 1)])
+def test_default_alw_keeps_ce_and_icsd_in_most_steps_of_a_short_run(num_samples, batch, steps):
+    """A run shorter than two epochs: under the default granularity alpha > 0 for most of its steps."""
+    args = train_icsd.parse_args(["--dataset", "synthetic", "--teacher_model_name_or_path", TINY,
+                                  "--max_train_steps", str(steps), "--per_device_train_batch_size", str(batch)])
+    plan = train_icsd.plan_schedule(args, num_samples // batch)
+    assert plan.max_train_steps == steps and plan.num_epochs <= 2
+    alphas = [train_icsd.alw_alpha_at(args, plan, step // plan.steps_per_epoch, step) for step in range(steps)]
+    assert sum(a > 0 for a in alphas) >= steps / 2 if steps > 1 else alphas == [0.0]
+    assert alphas == sorted(alphas) and max(alphas) < 1.0
+
+
+def test_epoch_granularity_that_would_keep_alpha_at_zero_is_refused():
+    args = train_icsd.parse_args(["--dataset", "synthetic", "--teacher_model_name_or_path", TINY,
+                                  "--max_train_steps", "30", "--alw_granularity", "epoch"])
+    with pytest.raises(train_icsd.UsageError, match="alpha at 0 throughout"):
+        train_icsd.plan_schedule(args, 45)
+    args.alw_granularity = "step"
+    assert train_icsd.plan_schedule(args, 45).alw_total == 30
+
+
+def test_help_shows_every_default_once():
+    proc = run_script(["--help"])
+    assert proc.returncode == 0
+    # One entry per option: its lines from "  --flag" up to the next option.
+    entries = re.split(r"\n(?=  -)", proc.stdout[proc.stdout.index("options:"):])
+    options = [e for e in entries if e.lstrip().startswith("--")]
+    assert len(options) >= 50
+    for entry in options:
+        text = " ".join(entry.split())
+        assert text.count("default") == 1, text
+
+
+def test_a_log_file_reads_like_a_log(tmp_path):
+    """Not a terminal: no progress-bar frames; one line per logging step with the terms, alpha and lr; % metrics."""
+    out = tmp_path / "run"
+    proc = launch(synthetic_args(out, "aicsd", steps=4, logging_steps=2))
+    log = proc.stdout + proc.stderr
+    assert "\r" not in log and "\x1b[" not in log
+    lines = [line for line in log.splitlines() if "step 2/4:" in line or "step 4/4:" in line]
+    assert len(lines) == 2 and all(re.search(r"loss [\d.]+, ce [\d.]+, ics [\d.]+, kd [\d.]+, alpha 0\.\d{3}, lr ", l)
+                                   for l in lines), lines
+    final = next(line for line in log.splitlines() if "final:" in line)
+    assert re.search(r"final: mIoU \d+\.\d\d %, mean acc \d+\.\d\d %, pixel acc \d+\.\d\d %$", final), final
+    assert "teacher None" not in log and "1 epochs" not in log and "Repo card metadata" not in log

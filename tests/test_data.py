@@ -275,7 +275,7 @@ def test_voc_palette_and_rgb_masks_decode_to_the_same_class_indices(tmp_path):
         "image": [png_bytes(rgb(12, 16, seed)) for seed in range(2)],
         "mask": [png_bytes(palette_mask), png_bytes(palette_mask.convert("RGB"))],
     } for split in ("train", "val")})
-    _, evaluation, info = data.load_splits("pascal-voc", str(folder))
+    _, evaluation, info = data.load_splits(data.DataOptions("pascal-voc", str(folder)))
     assert info.ignore_index == 255 and info.num_labels == 21
     ds = data.build_eval_dataset(evaluation, info, mean=MEAN, std=STD)
     for i in range(2):

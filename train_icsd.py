@@ -215,7 +215,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int)
     (transformers' own loss divides by the number of valid pixels without a floor: NaN for an all-ignore batch.)
     """
     logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    total = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="sum")  # batches carry uint8
     count = (labels != ignore_index).sum().clamp_min(1)
     return total / count
 
@@ -569,8 +569,7 @@ def preflight(train_hf, eval_hf, info: "data.DataInfo", skip_bad_samples: bool) 
     sample gets the same checks when its batch is loaded, still on CPU.
     """
     for split in (train_hf, eval_hf):
-        ds = data.build_eval_dataset(split, info, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
-                                     skip_bad_samples=skip_bad_samples)
+        ds = data.build_eval_dataset(split, info, pad_mean=(0.0, 0.0, 0.0), skip_bad_samples=skip_bad_samples)
         for index in torch.linspace(0, len(ds) - 1, min(len(ds), PREFLIGHT_SAMPLES)).round().long().unique().tolist():
             ds[index]  # raises DataError naming the sample (or, with skip_bad_samples, warns)
 
@@ -623,16 +622,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     # Load models
     student = models.load_student(args.student_model_name_or_path, info.id2label, trust_remote_code=args.trust_remote_code)
     processor = models.load_image_processor(args.student_model_name_or_path, trust_remote_code=args.trust_remote_code)
-    mean, std = models.processor_mean_std(processor)
-    student_adapter = models.make_input_adapter(mean, std, processor)
+    mean, _ = models.processor_mean_std(processor)  # the student's mean colour is the padding (data.py)
+    student_adapter = models.make_input_adapter(processor)
     teacher, teacher_adapter = None, None
     if args.teacher_model_name_or_path and (args.distill != "none" or args.eval_teacher):
         teacher = models.load_teacher(args.teacher_model_name_or_path, info.id2label,
                                       trust_remote_code=args.trust_remote_code)
         models.check_same_classes(teacher, student)
         teacher_adapter = models.make_input_adapter(
-            mean, std, models.load_image_processor(args.teacher_model_name_or_path,
-                                                   trust_remote_code=args.trust_remote_code))
+            models.load_image_processor(args.teacher_model_name_or_path, trust_remote_code=args.trust_remote_code))
         # Frozen and never wrapped in DDP (prepare refuses a model without trainable parameters).
         teacher.to(accelerator.device)
     n_params = models.count_parameters(student)
@@ -641,9 +639,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 f"{models.count_parameters(teacher) / 1e6 if teacher is not None else 0:.2f} M")
 
     # Preprocessing and data loaders
-    train_ds = data.build_train_dataset(train_hf, info, crop_size=crop_size, mean=mean, std=std, seed=args.seed,
+    train_ds = data.build_train_dataset(train_hf, info, crop_size=crop_size, pad_mean=mean, seed=args.seed,
                                         skip_bad_samples=args.skip_bad_samples)
-    eval_ds = data.build_eval_dataset(eval_hf, info, mean=mean, std=std, short_side=args.eval_short_side,
+    eval_ds = data.build_eval_dataset(eval_hf, info, pad_mean=mean, short_side=args.eval_short_side,
                                       skip_bad_samples=args.skip_bad_samples)
     num_labels, ignore_index = info.num_labels, info.ignore_index
 

@@ -345,12 +345,12 @@ def test_every_sample_is_checked_on_cpu_when_decoded_evaluation_included(folders
     # per sample (naming it) before any batch exists, for evaluation as for training; skipping does not hide it.
     _, evaluation, info = data.load_splits(dataset_name=str(folders["label37_eval"]))
     for skip in (False, True):
-        ds = data.build_eval_dataset(evaluation, info, mean=(0.0,) * 3, std=(1.0,) * 3, skip_bad_samples=skip)
+        ds = data.build_eval_dataset(evaluation, info, pad_mean=(0.0,) * 3, skip_bad_samples=skip)
         ds[0]
         with pytest.raises(data.LabelValueError, match=r"validation row 1 .*validation_001_mask\.png.*\[37\]"):
             ds[1]
     train, _, info = data.load_splits(dataset_name=str(folders["label37"]))
-    ds = data.build_train_dataset(train, info, crop_size=(32, 32), mean=(0.0,) * 3, std=(1.0,) * 3, seed=0)
+    ds = data.build_train_dataset(train, info, crop_size=(32, 32), pad_mean=(0.0,) * 3, seed=0)
     with pytest.raises(data.LabelValueError, match=r"train row 3 .*\[37\]"):
         ds[3]
 

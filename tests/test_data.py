@@ -343,9 +343,10 @@ def in_memory_dataset(images: list[np.ndarray], labels: list[np.ndarray], num_la
                       ) -> tuple[datasets.Dataset, data.DataInfo]:
     ds = datasets.Dataset.from_dict({"index": list(range(len(images)))}).with_transform(
         lambda batch: {"image": [images[i] for i in batch["index"]], "label": [labels[i] for i in batch["index"]]})
-    info = data.DataInfo(id2label={i: str(i) for i in range(num_labels)}, label2id={str(i): i for i in range(num_labels)},
-                         num_labels=num_labels, ignore_index=ignore_index, image_column="image", label_column="label",
-                         crop_size=(48, 48), label_mapping=mapping, label_transform=mapping)
+    id2label = {i: str(i) for i in range(num_labels)}
+    info = data.DataInfo(id2label=id2label, label2id={v: k for k, v in id2label.items()}, num_labels=num_labels,
+                         ignore_index=ignore_index, image_column="image", label_column="label", crop_size=(48, 48),
+                         label_mapping=mapping, label_transform=mapping)
     return ds, info
 
 

@@ -94,7 +94,8 @@ def write_samples(case: Case, folder: Path, count: int) -> list[tuple[str, str]]
         suffix = "png" if case.image_format == "PNG" else "jpg"
         image_path = folder / f"{case.name}_{index}.{suffix}"
         mask_path = folder / f"{case.name}_{index}_mask.png"
-        Image.fromarray(image).save(image_path, format=case.image_format, **({"quality": 90} if suffix == "jpg" else {}))
+        options = {"quality": 90} if suffix == "jpg" else {}
+        Image.fromarray(image).save(image_path, format=case.image_format, **options)
         mask_image = Image.fromarray(mask, mode="L")
         if case.mask_mode == "P":
             mask_image = mask_image.convert("P")
@@ -212,8 +213,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"done: {case.name}", file=sys.stderr, flush=True)
 
     print(f"\ntorch {torch.__version__}, {os.cpu_count()} CPUs, {args.samples} scenes per size, train item over "
-          f"{args.epochs} epochs (scale {args.scale_range[0]:g}-{args.scale_range[1]:g}); CPU ms per item, median of {args.repeats} measured alternately "
-          "with the decode, one torch thread\n")
+          f"{args.epochs} epochs (scale {args.scale_range[0]:g}-{args.scale_range[1]:g}); CPU ms per item, "
+          f"median of {args.repeats} measured alternately with the decode, one torch thread\n")
     print("| samples | decode image+mask (floor) | train item | train / floor | eval item | eval / floor |")
     print("|---|---|---|---|---|---|")
     print("\n".join(timing_rows))

@@ -6,10 +6,12 @@ describing the classes and every decision taken (the ``synthetic`` preset's scen
 come from ``synthetic.py``, imported only when that preset is loaded). ``build_train_dataset`` / ``build_eval_dataset``
 wrap them into ``torch.utils.data.Dataset`` objects that decode each image once,
 inside DataLoader workers, and apply augmentations whose randomness is a pure
-function of (seed, epoch, sample index).
+function of (seed, epoch, sample index). Batches carry uint8 pixels (and uint8
+labels when the classes fit in a byte): a quarter of float32's bytes cross to the
+device, where ``models.make_input_adapter`` scales and normalizes them.
 
-This module knows nothing about transformers: the caller passes the mean/std
-its model expects.
+This module knows nothing about transformers: the caller passes the mean colour
+its model expects, used for padding.
 """
 
 from __future__ import annotations
@@ -345,11 +347,13 @@ def check_labels(labels: torch.Tensor, num_labels: int, ignore_index: int) -> No
     """
     labels = labels.detach()
     bad = ((labels < 0) | (labels >= num_labels)) & (labels != ignore_index)
-    if not bool(bad.any()):
-        return
-    values = torch.unique(labels[bad]).tolist()
+    if bool(bad.any()):
+        raise _label_value_error(torch.unique(labels[bad]).tolist(), num_labels, ignore_index)
+
+
+def _label_value_error(values: list[int], num_labels: int, ignore_index: int) -> LabelValueError:
     shown = ", ".join(str(v) for v in values[:10]) + (f", ... ({len(values)} distinct)" if len(values) > 10 else "")
-    raise LabelValueError(
+    return LabelValueError(
         f"label values [{shown}] are outside 0..{num_labels - 1} and not the ignore index {ignore_index}: "
         "pass --ignore_index for a void value, --do_reduce_labels if 0 means 'unlabelled' "
         "(ADE20K style), a dataset preset with the right label mapping, or an --id2label file listing "
@@ -481,7 +485,7 @@ def _voc_colours_to_indices(rgb: np.ndarray, what: str) -> np.ndarray:
 
 
 def decode_label(value: Any, what: str = "label") -> np.ndarray:
-    """Decode a mask to an (H, W) integer array, keeping its values.
+    """Decode a mask to an (H, W) int64 array, keeping its values.
 
     Palette ("P") masks keep their indices (Pascal VOC's PNGs: classes 0..20, boundary 255), 16-bit masks
     keep their values. A 3-channel mask whose channels are equal is read as one channel (a grey mask saved as
@@ -493,6 +497,11 @@ def decode_label(value: Any, what: str = "label") -> np.ndarray:
     A mask drawn in VOC colours that happens to hold only grey entries of the map (black, (128, 128, 128),
     ...) is read as grey values: real VOC masks always hold the boundary colour as well.
     """
+    return _decode_label_values(value, what).astype(np.int64, copy=False)
+
+
+def _decode_label_values(value: Any, what: str) -> np.ndarray:
+    """:func:`decode_label` in the mask's own integer type: uint8 for "L" and "P" PNGs, 8 times smaller than int64."""
     if isinstance(value, (str, os.PathLike)):
         what = f"{what} (file {value})"
     elif isinstance(value, dict) and value.get("path") and str(value["path"]) not in what:
@@ -520,7 +529,7 @@ def decode_label(value: Any, what: str = "label") -> np.ndarray:
             array = array.astype(np.int64)
         else:
             raise BadSampleError(f"{what}: mask values must be integers, got {array.dtype}")
-    return array.astype(np.int64, copy=False)
+    return array
 
 
 # --------------------------------------------------------------------------------------
@@ -1009,22 +1018,82 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return generator
 
 
-class _SegmentationSource(torch.utils.data.Dataset):
-    """Shared decoding: a row of the HF dataset -> (image uint8 HWC, label int64 HW)."""
+def _label_dtype(num_labels: int, ignore_index: int) -> torch.dtype:
+    # One byte per label pixel whenever every class id and the ignore index fit (every preset does).
+    return torch.uint8 if 0 <= ignore_index <= 255 and num_labels <= 256 else torch.int64
 
-    def __init__(self, hf_ds: datasets.Dataset, info: DataInfo, mean: Sequence[float], std: Sequence[float],
-                 skip_bad_samples: bool):
-        if len(mean) != 3 or len(std) != 3:
-            raise ValueError(f"mean and std need 3 values (RGB), got {list(mean)} and {list(std)}")
-        if any(s <= 0 for s in std):
-            raise ValueError(f"std values must be positive, got {list(std)}")
+
+def _pad_rgb(pad_mean: Sequence[float]) -> tuple[int, int, int]:
+    """The uint8 RGB colour of padded pixels: ``pad_mean`` (RGB in [0, 1]) rounded to the nearest level."""
+    values = [float(v) for v in pad_mean]
+    if len(values) != 3:
+        raise ValueError(f"pad_mean needs 3 values (RGB in [0, 1]), got {values}")
+    if not all(0.0 <= v <= 1.0 for v in values):
+        raise ValueError(f"pad_mean values must be in [0, 1] (a model's input mean for [0, 1] RGB), got {values}")
+    return tuple(int(round(v * 255)) for v in values)  # type: ignore[return-value]
+
+
+def _source_window(length: int, scaled: int, crop: int, offset: int) -> tuple[int, int, int]:
+    """Which source pixels a crop of the image scaled to ``scaled`` pixels needs, along one axis.
+
+    The crop holds scaled pixels [offset, offset + out) with out = min(crop, scaled - offset) (the rest
+    is padding); mapped back by length / scaled that is a source window, rounded to whole pixels.
+
+    Returns:
+        (start, size, out): the source window [start, start + size) is resized to out pixels.
+    """
+    out = min(crop, scaled - offset)
+    size = min(length, max(1, round(out * length / scaled)))
+    start = min(max(0, round(offset * length / scaled)), length - size)
+    return start, size, out
+
+
+def _nearest_index(size: int, out: int) -> np.ndarray:
+    """(out,) indices of the source pixels whose centres are nearest to ``out`` evenly spaced centres.
+
+    The same centres bilinear resampling with align_corners=False uses, so a resized mask stays on its image.
+    """
+    centres = (np.arange(out, dtype=np.float64) + 0.5) * (size / out)
+    return np.minimum(centres.astype(np.int64), size - 1)
+
+
+def _cyclic_range(valid: np.ndarray) -> tuple[int, int] | None:
+    """(shift, top) with: raw uint8 value v is valid iff (v + shift) mod 256 <= top; None if no such pair.
+
+    ``valid`` is (256,) bool. Every mapping here has one such range (identity: 255 and 0..C-1; reduce
+    labels: 255 and 0..C; Cityscapes labelIds: everything), which turns the check into one max() pass.
+    """
+    if valid.all():
+        return 0, 255
+    starts = [v for v in range(256) if valid[v] and not valid[v - 1]]  # valid[-1] is 255: the ring wraps
+    if len(starts) != 1:
+        return None
+    return (256 - starts[0]) % 256, int(valid.sum()) - 1
+
+
+class _SegmentationSource(torch.utils.data.Dataset):
+    """Shared decoding: a row of the HF dataset -> (image uint8 (3, H, W), checked label (H, W))."""
+
+    def __init__(self, hf_ds: datasets.Dataset, info: DataInfo, pad_mean: Sequence[float], skip_bad_samples: bool):
         self.hf_ds = hf_ds
         self.info = info
-        self.mean = torch.tensor([float(m) for m in mean]).view(3, 1, 1)
-        self.std = torch.tensor([float(s) for s in std]).view(3, 1, 1)
+        self.pad_rgb = _pad_rgb(pad_mean)
+        self.label_dtype = _label_dtype(info.num_labels, info.ignore_index)
         self.skip_bad_samples = skip_bad_samples
         split = getattr(hf_ds, "split", None)
         self.split_name = str(split) if split is not None else "dataset"
+        # uint8 masks ("L"/"P" PNGs, nearly every dataset) go through 256-entry tables: checking one is a
+        # single max() pass over the mask (values are counted only to name wrong ones), and the mapping is
+        # applied only to the pixels a sample keeps.
+        raw = np.arange(256, dtype=np.int64)
+        mapped = map_labels(raw, info.label_mapping, info.ignore_index)
+        valid = ((mapped >= 0) & (mapped < info.num_labels)) | (mapped == info.ignore_index)
+        self._u8_mapped = mapped
+        self._u8_valid = valid
+        self._u8_range = _cyclic_range(valid)
+        identity = np.array_equal(mapped, raw) and self.label_dtype == torch.uint8
+        lut_dtype = np.uint8 if self.label_dtype == torch.uint8 else np.int64
+        self._u8_lut = None if identity else np.where(valid, mapped, 0).astype(lut_dtype)
 
     def __len__(self) -> int:
         return len(self.hf_ds)
@@ -1043,13 +1112,19 @@ class _SegmentationSource(torch.utils.data.Dataset):
                 text += f" (label file {label_value['path']})"
         return text
 
-    def _decode(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def _decode(self, index: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
+        """Decode and check one sample.
+
+        Returns:
+            image (3, H, W) uint8 RGB; label (H, W), ``label_dtype`` or raw uint8 values; and the 256-entry
+            table still to apply to those raw values (``table[label]``), or None when the label is final.
+        """
         row = None
         try:
             row = self.hf_ds[int(index)]
             what = self._describe(index, row)
             image = decode_image(row[self.info.image_column], f"{what} image")
-            label = decode_label(row[self.info.label_column], f"{what} label")
+            label = _decode_label_values(row[self.info.label_column], f"{what} label")
             if image.shape[:2] != label.shape:
                 raise BadSampleError(
                     f"{what}: image is {image.shape[1]}x{image.shape[0]} but its label is "
@@ -1059,15 +1134,33 @@ class _SegmentationSource(torch.utils.data.Dataset):
             raise
         except Exception as err:  # anything else while reading a row is also about that sample
             raise BadSampleError(f"{self._describe(index, row)}: {type(err).__name__}: {err}") from err
-        label = map_labels(label, self.info.label_mapping, self.info.ignore_index)
         # Checked here, per sample and on CPU (in a worker), for evaluation as well as training: the error can
         # name the file, and no out-of-range value ever reaches a GPU kernel (a device-side assert there).
         # Not a BadSampleError: wrong label values are a dataset-wide setting to fix, not a sample to skip.
         try:
-            check_labels(torch.from_numpy(_writable(label)), self.info.num_labels, self.info.ignore_index)
+            if label.dtype == np.uint8:
+                if not self._u8_in_range(label):  # then count the values, to name the wrong ones
+                    bad = (np.bincount(label.reshape(-1), minlength=256) > 0) & ~self._u8_valid
+                    if bad.any():
+                        shown = sorted(set(self._u8_mapped[bad].tolist()))
+                        raise _label_value_error(shown, self.info.num_labels, self.info.ignore_index)
+                values, table = torch.from_numpy(_writable(label)), self._u8_lut
+            else:
+                mapped = torch.from_numpy(_writable(map_labels(label, self.info.label_mapping, self.info.ignore_index)))
+                check_labels(mapped, self.info.num_labels, self.info.ignore_index)
+                values, table = mapped.to(self.label_dtype), None  # checked, so every value fits
         except LabelValueError as err:
             raise LabelValueError(f"{self._describe(index, row)}: {err}") from None
-        return image, label
+        return torch.from_numpy(_writable(image)).permute(2, 0, 1), values, table
+
+    def _u8_in_range(self, label: np.ndarray) -> bool:
+        if self._u8_range is None:
+            return False
+        shift, top = self._u8_range
+        if top >= 255:
+            return True
+        shifted = label + np.uint8(shift) if shift else label  # uint8 arithmetic wraps around, as intended
+        return int(shifted.max(initial=0)) <= top
 
     def _skipped(self, index: int, err: BadSampleError) -> dict:
         if not self.skip_bad_samples:
@@ -1075,22 +1168,38 @@ class _SegmentationSource(torch.utils.data.Dataset):
         logger.warning("skipping bad sample: %s", err)
         return {"skipped": True, "index": index, "reason": str(err)}
 
-    def _normalize(self, image: torch.Tensor) -> torch.Tensor:
-        return (image - self.mean) / self.std
+
+def _resize_nearest(label: torch.Tensor, size: tuple[int, int], table: np.ndarray | None) -> torch.Tensor:
+    """``label`` (h, w) resized to ``size`` by nearest neighbour and mapped through ``table`` (if given)."""
+    if tuple(label.shape) == size and table is None:
+        return label
+    values = label.numpy()
+    if table is not None and values.size <= size[0] * size[1]:  # map whichever of input and output is smaller
+        values, table = np.take(table, values), None
+    if tuple(values.shape) != size:
+        # Rows by indexing, then columns with take: several times faster than torch's index_select here,
+        # and the result is C-contiguous.
+        rows = values[_nearest_index(values.shape[0], size[0])]
+        values = np.take(rows, _nearest_index(values.shape[1], size[1]), axis=1)
+    if table is not None:
+        values = np.take(table, values)
+    return torch.from_numpy(np.ascontiguousarray(values))
 
 
 class SegmentationTrainDataset(_SegmentationSource):
-    """Random scale, pad, crop, flip and normalize; deterministic per (seed, epoch, index).
+    """Random scale, crop, pad and flip in uint8; deterministic per (seed, epoch, index).
 
-    Items: ``{"pixel_values": float (3, h, w), "labels": long (h, w)}`` with
-    (h, w) = ``crop_size``, or ``{"skipped": True, ...}`` for a bad sample when
-    ``skip_bad_samples`` (dropped and counted by :func:`train_collate`).
+    Items: ``{"pixel_values": uint8 (3, h, w) RGB, "labels": (h, w)}`` with (h, w) = ``crop_size`` and labels
+    uint8 when the classes and ignore index fit in a byte (else int64), or ``{"skipped": True, ...}`` for a bad
+    sample when ``skip_bad_samples`` (dropped and counted by :func:`train_collate`). Padding is the
+    ``pad_mean`` colour with ignored labels. Normalization happens on the device
+    (``models.make_input_adapter``).
     """
 
     def __init__(self, hf_ds: datasets.Dataset, info: DataInfo, *, crop_size: tuple[int, int],
-                 mean: Sequence[float], std: Sequence[float], seed: int,
-                 scale_range: tuple[float, float] = (0.5, 2.0), skip_bad_samples: bool = False):
-        super().__init__(hf_ds, info, mean, std, skip_bad_samples)
+                 pad_mean: Sequence[float], seed: int, scale_range: tuple[float, float] = (0.5, 2.0),
+                 skip_bad_samples: bool = False):
+        super().__init__(hf_ds, info, pad_mean, skip_bad_samples)
         crop_h, crop_w = (int(v) for v in crop_size)
         if crop_h < 1 or crop_w < 1:
             raise ValueError(f"crop_size must be positive (h, w), got {crop_size}")
@@ -1103,6 +1212,7 @@ class SegmentationTrainDataset(_SegmentationSource):
         self.scale_range = (low, high)
         self.seed = int(seed)
         self.epoch = 0
+        self._pad_pixels = torch.tensor(self.pad_rgb, dtype=torch.uint8).view(3, 1, 1)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose augmentations ``__getitem__`` draws.
@@ -1116,64 +1226,71 @@ class SegmentationTrainDataset(_SegmentationSource):
 
     def __getitem__(self, index: int) -> dict:
         try:
-            image_np, label_np = self._decode(index)
+            image, label, table = self._decode(index)
         except BadSampleError as err:
             return self._skipped(index, err)
         generator = sample_generator(self.seed, self.epoch, int(index))
-        image = torch.from_numpy(_writable(image_np)).permute(2, 0, 1).float().div_(255.0)
-        label = torch.from_numpy(_writable(label_np))
-        image, label = self._augment(image, label, generator)
+        image, label = self._augment(image, label, generator, table)
         return {"pixel_values": image, "labels": label}
 
-    def _augment(self, image: torch.Tensor, label: torch.Tensor, generator: torch.Generator
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _augment(self, image: torch.Tensor, label: torch.Tensor, generator: torch.Generator,
+                 table: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale by s, crop, pad and flip ``image`` uint8 (3, H, W) and ``label`` (H, W) together.
+
+        Draws s uniform in ``scale_range``, then the crop's top and left in the image scaled by s (and padded
+        bottom/right to at least the crop), then a flip with probability 1/2. Only the source region under
+        the crop is resized (image bilinear, antialiased when shrinking; label nearest, at the same pixel
+        centres): the same as cropping the whole scaled image, up to half a source pixel of rounding.
+        ``table`` maps raw label values (applied to the kept pixels only).
+        """
         low, high = self.scale_range
         scale = low + (high - low) * float(torch.rand((), generator=generator))
         height, width = label.shape
         new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-        if (new_h, new_w) != (height, width):
-            image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False,
-                                  antialias=scale < 1.0)[0]
-            # nearest-exact samples pixel centres like bilinear(align_corners=False), so masks stay aligned.
-            label = F.interpolate(label[None, None].float(), size=(new_h, new_w), mode="nearest-exact")[0, 0].long()
-        # The scaled image is conceptually padded bottom/right to at least the crop
-        # size; cropping first and padding the crop is the same and cheaper.
         crop_h, crop_w = self.crop_size
         top = int(torch.randint(0, max(new_h, crop_h) - crop_h + 1, (), generator=generator))
         left = int(torch.randint(0, max(new_w, crop_w) - crop_w + 1, (), generator=generator))
-        image = self._normalize(image[:, top:top + crop_h, left:left + crop_w])
-        label = label[top:top + crop_h, left:left + crop_w]
-        pad_h, pad_w = crop_h - label.shape[0], crop_w - label.shape[1]
-        if pad_h or pad_w:
-            # Padding after normalization: 0 is the mean colour; padded labels are ignored.
-            image = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
-            label = F.pad(label, (0, pad_w, 0, pad_h), value=self.info.ignore_index)
-        if float(torch.rand((), generator=generator)) < 0.5:
-            image = image.flip(-1)
-            label = label.flip(-1)
-        return image.contiguous(), label.contiguous()
+        flip = float(torch.rand((), generator=generator)) < 0.5
+
+        y0, src_h, out_h = _source_window(height, new_h, crop_h, top)
+        x0, src_w, out_w = _source_window(width, new_w, crop_w, left)
+        image = image[:, y0:y0 + src_h, x0:x0 + src_w]
+        label = label[y0:y0 + src_h, x0:x0 + src_w]
+        if (out_h, out_w) != (src_h, src_w):
+            image = F.interpolate(image[None], size=(out_h, out_w), mode="bilinear", align_corners=False,
+                                  antialias=out_h < src_h or out_w < src_w)[0]
+        label = _resize_nearest(label, (out_h, out_w), table)
+        if (out_h, out_w) != (crop_h, crop_w):
+            # Bottom/right padding: the model's mean colour (its adapter maps it to about 0), labels ignored.
+            canvas = self._pad_pixels.expand(3, crop_h, crop_w).contiguous()
+            canvas[:, :out_h, :out_w] = image
+            padded = torch.full((crop_h, crop_w), self.info.ignore_index, dtype=label.dtype)
+            padded[:out_h, :out_w] = label
+            image, label = canvas, padded
+        if flip:
+            image, label = image.flip(-1), label.flip(-1)
+        return image, label  # possibly strided views of this sample's own arrays: the collate copies once
 
 
 class SegmentationEvalDataset(_SegmentationSource):
     """Whole images (optionally resized so the short side is ``short_side``), labels at full resolution.
 
-    Items: ``{"pixel_values": float (3, h, w), "labels": long (H, W),
-    "ignore_index": int}``; :func:`eval_collate` pads and batches them.
+    Items: ``{"pixel_values": uint8 (3, h, w) RGB, "labels": (H, W), "ignore_index": int, "pad_rgb":
+    (r, g, b)}``; :func:`eval_collate` pads and batches them.
     """
 
-    def __init__(self, hf_ds: datasets.Dataset, info: DataInfo, *, mean: Sequence[float], std: Sequence[float],
+    def __init__(self, hf_ds: datasets.Dataset, info: DataInfo, *, pad_mean: Sequence[float],
                  short_side: int | None = None, skip_bad_samples: bool = False):
-        super().__init__(hf_ds, info, mean, std, skip_bad_samples)
+        super().__init__(hf_ds, info, pad_mean, skip_bad_samples)
         if short_side is not None and short_side < 1:
             raise ValueError(f"short_side must be positive, got {short_side}")
         self.short_side = short_side
 
     def __getitem__(self, index: int) -> dict:
         try:
-            image_np, label_np = self._decode(index)
+            image, label, table = self._decode(index)
         except BadSampleError as err:
             return self._skipped(index, err)
-        image = torch.from_numpy(_writable(image_np)).permute(2, 0, 1).float().div_(255.0)
         if self.short_side is not None:
             height, width = image.shape[1:]
             factor = self.short_side / min(height, width)
@@ -1182,15 +1299,15 @@ class SegmentationEvalDataset(_SegmentationSource):
                 image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False,
                                       antialias=factor < 1.0)[0]
         return {
-            "pixel_values": self._normalize(image),
-            "labels": torch.from_numpy(_writable(label_np)),
+            "pixel_values": image,  # possibly a strided view of this sample's own array: the collate copies once
+            "labels": _resize_nearest(label, tuple(label.shape), table),
             "ignore_index": self.info.ignore_index,
+            "pad_rgb": self.pad_rgb,
         }
 
 
 def build_train_dataset(hf_ds: datasets.Dataset, info: DataInfo, *, crop_size: tuple[int, int],
-                        mean: Sequence[float], std: Sequence[float], seed: int,
-                        scale_range: tuple[float, float] = (0.5, 2.0),
+                        pad_mean: Sequence[float], seed: int, scale_range: tuple[float, float] = (0.5, 2.0),
                         skip_bad_samples: bool = False) -> SegmentationTrainDataset:
     """Training pipeline over ``hf_ds`` (see :class:`SegmentationTrainDataset`).
 
@@ -1198,19 +1315,21 @@ def build_train_dataset(hf_ds: datasets.Dataset, info: DataInfo, *, crop_size: t
         hf_ds: a split from :func:`load_splits`.
         info: its :class:`DataInfo`.
         crop_size: (h, w) of every training sample.
-        mean, std: normalization for [0, 1] RGB input (from the model's image processor).
+        pad_mean: RGB in [0, 1], the input mean of the model the batches are for (the student): padded
+            pixels get this colour as uint8, which that model's adapter normalizes to about 0. A teacher
+            with another mean sees the same colour, normalized its own way.
         seed: base seed; sample randomness = f(seed, epoch, index).
         scale_range: random rescale factor range.
         skip_bad_samples: drop undecodable samples (counted in batches) instead of raising.
     """
-    return SegmentationTrainDataset(hf_ds, info, crop_size=crop_size, mean=mean, std=std, seed=seed,
+    return SegmentationTrainDataset(hf_ds, info, crop_size=crop_size, pad_mean=pad_mean, seed=seed,
                                     scale_range=scale_range, skip_bad_samples=skip_bad_samples)
 
 
-def build_eval_dataset(hf_ds: datasets.Dataset, info: DataInfo, *, mean: Sequence[float], std: Sequence[float],
+def build_eval_dataset(hf_ds: datasets.Dataset, info: DataInfo, *, pad_mean: Sequence[float],
                        short_side: int | None = None, skip_bad_samples: bool = False) -> SegmentationEvalDataset:
-    """Evaluation pipeline over ``hf_ds`` (see :class:`SegmentationEvalDataset`)."""
-    return SegmentationEvalDataset(hf_ds, info, mean=mean, std=std, short_side=short_side,
+    """Evaluation pipeline over ``hf_ds`` (see :class:`SegmentationEvalDataset`; ``pad_mean`` as for training)."""
+    return SegmentationEvalDataset(hf_ds, info, pad_mean=pad_mean, short_side=short_side,
                                    skip_bad_samples=skip_bad_samples)
 
 
@@ -1223,17 +1342,17 @@ def train_collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
     """Stack training samples, dropping skipped ones.
 
     Returns:
-        ``pixel_values`` (B, 3, h, w), ``labels`` (B, h, w) long, ``num_skipped``
-        (0-dim long). B may be 0 when every sample was skipped; the loop should
-        then add ``num_skipped`` to its tally and move on.
+        ``pixel_values`` (B, 3, h, w) uint8, ``labels`` (B, h, w) (uint8, or int64 for classes or an ignore
+        index beyond 255), ``num_skipped`` (0-dim long). B may be 0 when every sample was skipped; the loop
+        should then add ``num_skipped`` to its tally and move on.
     """
     kept, skipped = _split_skipped(samples)
     if not kept:
-        return {"pixel_values": torch.empty(0, 3, 0, 0), "labels": torch.empty(0, 0, 0, dtype=torch.long),
-                "num_skipped": torch.tensor(skipped)}
+        return {"pixel_values": torch.empty(0, 3, 0, 0, dtype=torch.uint8),
+                "labels": torch.empty(0, 0, 0, dtype=torch.uint8), "num_skipped": torch.tensor(skipped)}
     return {
         "pixel_values": torch.stack([s["pixel_values"] for s in kept]),
-        "labels": torch.stack([s["labels"] for s in kept]).long(),
+        "labels": torch.stack([s["labels"] for s in kept]),
         "num_skipped": torch.tensor(skipped),
     }
 
@@ -1241,17 +1360,18 @@ def train_collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
 def eval_collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
     """Pad evaluation samples to the batch's largest image and label.
 
-    Images are padded with 0 (bottom/right), labels with the samples' ignore index.
+    Images are padded bottom/right with the samples' ``pad_rgb`` (the model's mean colour; 0 for samples
+    without one), labels with their ignore index.
 
     Returns:
-        ``pixel_values`` (B, 3, H, W), ``labels`` (B, Hl, Wl) long,
-        ``image_sizes`` (B, 2) long (h, w before padding), ``label_sizes``
-        (B, 2) long, ``num_skipped`` (0-dim long).
+        ``pixel_values`` (B, 3, H, W) (uint8 from the pipelines), ``labels`` (B, Hl, Wl), ``image_sizes``
+        (B, 2) long (h, w before padding), ``label_sizes`` (B, 2) long, ``num_skipped`` (0-dim long).
     """
     kept, skipped = _split_skipped(samples)
     if not kept:
         return {
-            "pixel_values": torch.empty(0, 3, 0, 0), "labels": torch.empty(0, 0, 0, dtype=torch.long),
+            "pixel_values": torch.empty(0, 3, 0, 0, dtype=torch.uint8),
+            "labels": torch.empty(0, 0, 0, dtype=torch.uint8),
             "image_sizes": torch.empty(0, 2, dtype=torch.long), "label_sizes": torch.empty(0, 2, dtype=torch.long),
             "num_skipped": torch.tensor(skipped),
         }
@@ -1260,8 +1380,10 @@ def eval_collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
     label_sizes = torch.tensor([tuple(s["labels"].shape) for s in kept], dtype=torch.long)
     max_h, max_w = (int(v) for v in image_sizes.max(0).values)
     max_lh, max_lw = (int(v) for v in label_sizes.max(0).values)
-    pixel_values = torch.zeros(len(kept), 3, max_h, max_w, dtype=kept[0]["pixel_values"].dtype)
-    labels = torch.full((len(kept), max_lh, max_lw), ignore_index, dtype=torch.long)
+    pixel_dtype = kept[0]["pixel_values"].dtype
+    fill = torch.tensor(kept[0].get("pad_rgb", (0, 0, 0)), dtype=pixel_dtype).view(1, 3, 1, 1)
+    pixel_values = fill.expand(len(kept), 3, max_h, max_w).contiguous()
+    labels = torch.full((len(kept), max_lh, max_lw), ignore_index, dtype=kept[0]["labels"].dtype)
     for i, sample in enumerate(kept):
         h, w = sample["pixel_values"].shape[1:]
         pixel_values[i, :, :h, :w] = sample["pixel_values"]

@@ -9,11 +9,10 @@ normalization a model expects.
 This module deliberately knows nothing about datasets: class lists come in as
 plain ``id2label`` dicts and pixel tensors as plain tensors.
 
-Input convention used across the toolkit: the data pipeline produces RGB images
-scaled to [0, 1] and normalized with one (mean, std) pair, normally the
-student's (see :func:`processor_mean_std`). A teacher that expects something
-else (another mean/std, or BGR like Apple's MobileViT checkpoints) gets its
-batch converted by :func:`make_input_adapter`.
+Input convention used across the toolkit: the data pipeline produces uint8 RGB
+batches; on the device, :func:`make_input_adapter` scales and normalizes them for
+each model with that model's own mean/std (see :func:`processor_mean_std`) and
+channel order (BGR for Apple's MobileViT checkpoints).
 """
 
 from __future__ import annotations
@@ -609,41 +608,39 @@ def _as_triplet(values: object, what: str) -> tuple[float, float, float]:
     return tuple(seq)  # type: ignore[return-value]
 
 
-def make_input_adapter(
-    data_mean: tuple[float, float, float],
-    data_std: tuple[float, float, float],
-    processor: object,
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Convert a batch normalized for one model into what another model expects.
+def make_input_adapter(processor: object) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Scale and normalize a uint8 batch on its device the way ``processor`` would, for that processor's model.
 
-    The data pipeline normalizes [0, 1] RGB with one (mean, std), usually the
-    student's. A teacher with another convention (different mean/std, or BGR
-    input like MobileViT) gets ``adapter(pixel_values)``.
+    The data pipeline hands over uint8 RGB (a quarter of float32's bytes to copy to the device); each model,
+    student or teacher, gets ``adapter(pixel_values)``: x / 255 normalized with its own mean/std
+    (:func:`processor_mean_std`), channels reversed for BGR models such as MobileViT.
 
     Args:
-        data_mean, data_std: what the batch was normalized with (RGB order).
-        processor: the target model's image processor.
+        processor: the model's image processor.
 
     Returns:
-        A function (B, 3, H, W) -> (B, 3, H, W). It returns its input unchanged
-        when the conventions already match, so it costs nothing for the usual
-        SegFormer-to-SegFormer case.
+        A function (B, 3, H, W) uint8 RGB -> (B, 3, H, W) float32 on the same device.
     """
-    src_mean = torch.tensor(data_mean, dtype=torch.float32).view(1, 3, 1, 1)
-    src_std = torch.tensor(data_std, dtype=torch.float32).view(1, 3, 1, 1)
     mean, std = processor_mean_std(processor)
-    dst_mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    dst_std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     flip = processor_flips_channels(processor)
-    same = torch.allclose(src_mean, dst_mean, atol=1e-6) and torch.allclose(src_std, dst_std, atol=1e-6)
-    if same and not flip:
-        return lambda pixel_values: pixel_values
-    # x01 = x * src_std + src_mean ; y = (x01 - dst_mean) / dst_std, folded into one affine map.
-    gain = src_std / dst_std
-    bias = (src_mean - dst_mean) / dst_std
+    # y = (x / 255 - mean) / std = x * gain + bias, in the model's channel order.
+    gain = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(1, 3, 1, 1)
+    bias = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32).view(1, 3, 1, 1)
+    if flip:
+        gain, bias = gain.flip(1), bias.flip(1)
+    on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # copied to each device once
 
     def adapt(pixel_values: torch.Tensor) -> torch.Tensor:
-        out = pixel_values * gain.to(pixel_values) + bias.to(pixel_values)
-        return out.flip(1) if flip else out
+        if pixel_values.dtype != torch.uint8 or pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(
+                f"pixel_values must be uint8 (B, 3, H, W) RGB as the data pipeline makes them, got "
+                f"{pixel_values.dtype} {tuple(pixel_values.shape)}"
+            )
+        device = pixel_values.device
+        if device not in on_device:
+            on_device[device] = (gain.to(device), bias.to(device))
+        g, b = on_device[device]
+        x = pixel_values.flip(1) if flip else pixel_values
+        return torch.addcmul(b, x.float(), g)
 
     return adapt

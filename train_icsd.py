@@ -355,8 +355,7 @@ def preflight(train_hf, eval_hf, info: data.DataInfo, skip_bad_samples: bool) ->
     sample gets the same checks when its batch is loaded, still on CPU.
     """
     for split in (train_hf, eval_hf):
-        ds = data.build_eval_dataset(split, info, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
-                                     skip_bad_samples=skip_bad_samples)
+        ds = data.build_eval_dataset(split, info, pad_mean=(0.0, 0.0, 0.0), skip_bad_samples=skip_bad_samples)
         for index in torch.linspace(0, len(ds) - 1, min(len(ds), PREFLIGHT_SAMPLES)).round().long().unique().tolist():
             ds[index]  # raises DataError naming the sample (or, with skip_bad_samples, warns)
 
@@ -368,12 +367,12 @@ def load_models(args: argparse.Namespace, info: data.DataInfo, accelerator: Acce
     """Student (trainable) and teacher (frozen, on the device, never wrapped in DDP), with their input adapters.
 
     Returns a dict with ``student``, ``processor`` (the student's image processor), ``student_adapter``,
-    ``teacher`` and ``teacher_adapter`` (both None when the run needs no teacher), ``mean``/``std`` (the
-    dataset pipeline's normalisation: the student's).
+    ``teacher`` and ``teacher_adapter`` (both None when the run needs no teacher), and ``mean``: the student's
+    mean colour, which pads images (each adapter normalizes uint8 batches on the device for its own model).
     """
     student = models.load_student(args.student_model_name_or_path, info.id2label, trust_remote_code=args.trust_remote_code)
     processor = models.load_image_processor(args.student_model_name_or_path, trust_remote_code=args.trust_remote_code)
-    mean, std = models.processor_mean_std(processor)
+    mean, _ = models.processor_mean_std(processor)  # the student's mean colour pads images (data.py)
     teacher, teacher_adapter = None, None
     if args.teacher_model_name_or_path and (args.distill != "none" or args.eval_teacher):
         teacher = models.load_teacher(args.teacher_model_name_or_path, info.id2label,
@@ -381,23 +380,23 @@ def load_models(args: argparse.Namespace, info: data.DataInfo, accelerator: Acce
         models.check_same_classes(teacher, student)
         teacher_processor = models.load_image_processor(args.teacher_model_name_or_path,
                                                         trust_remote_code=args.trust_remote_code)
-        teacher_adapter = models.make_input_adapter(mean, std, teacher_processor)
+        teacher_adapter = models.make_input_adapter(teacher_processor)
         teacher.to(accelerator.device)  # prepare() refuses a model without trainable parameters
     logger.info(f"student {args.student_model_name_or_path}: {models.count_parameters(student) / 1e6:.2f} M parameters"
                 + (f"; teacher {args.teacher_model_name_or_path}: {models.count_parameters(teacher) / 1e6:.2f} M"
                    if teacher is not None else ""))
-    return dict(student=student, processor=processor, student_adapter=models.make_input_adapter(mean, std, processor),
-                teacher=teacher, teacher_adapter=teacher_adapter, mean=mean, std=std)
+    return dict(student=student, processor=processor, student_adapter=models.make_input_adapter(processor),
+                teacher=teacher, teacher_adapter=teacher_adapter, mean=mean)
 
 
-def build_dataloaders(args: argparse.Namespace, train_hf, eval_hf, info: data.DataInfo, mean, std,
+def build_dataloaders(args: argparse.Namespace, train_hf, eval_hf, info: data.DataInfo, mean,
                       accelerator: Accelerator) -> argparse.Namespace:
     """``train``: the training loader (a seeded permutation per epoch, deterministic augmentation per sample),
     with its ``sampler`` and ``train_ds`` (both take ``set_epoch``); ``eval``: this process's shard of the
     evaluation set."""
-    train_ds = data.build_train_dataset(train_hf, info, crop_size=args.crop_size or info.crop_size, mean=mean, std=std,
+    train_ds = data.build_train_dataset(train_hf, info, crop_size=args.crop_size or info.crop_size, pad_mean=mean,
                                         seed=args.seed, skip_bad_samples=args.skip_bad_samples)
-    eval_ds = data.build_eval_dataset(eval_hf, info, mean=mean, std=std, short_side=args.eval_short_side,
+    eval_ds = data.build_eval_dataset(eval_hf, info, pad_mean=mean, short_side=args.eval_short_side,
                                       skip_bad_samples=args.skip_bad_samples)
     loader_kwargs = dict(num_workers=args.dataloader_num_workers, worker_init_fn=utils.worker_init,
                          pin_memory=accelerator.device.type == "cuda",
@@ -548,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     student, teacher = nets["student"], nets["teacher"]
 
     # Preprocessing, data loaders and optimizer
-    loaders = build_dataloaders(args, train_hf, eval_hf, info, nets["mean"], nets["std"], accelerator)
+    loaders = build_dataloaders(args, train_hf, eval_hf, info, nets["mean"], accelerator)
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
 
     # Prepare everything with our accelerator

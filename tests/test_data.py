@@ -18,7 +18,7 @@ import data
 
 CAMVID = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "camvid"
 MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+MEAN_RGB = (124, 116, 104)  # MEAN as uint8: the padding colour
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -70,12 +70,8 @@ def simple_dataset(root: Path, labels: list[np.ndarray], mode: str = "L", **extr
 
 
 def first_eval_label(train_or_eval: datasets.Dataset, info: data.DataInfo, index: int = 0) -> np.ndarray:
-    sample = data.build_eval_dataset(train_or_eval, info, mean=MEAN, std=STD)[index]
+    sample = data.build_eval_dataset(train_or_eval, info, pad_mean=MEAN)[index]
     return sample["labels"].numpy()
-
-
-def denormalize(pixel_values: torch.Tensor) -> torch.Tensor:
-    return pixel_values * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)
 
 
 # ----------------------------------------------------------------------------- options
@@ -117,24 +113,25 @@ def test_camvid_batches_are_aligned_through_workers():
             np.asarray(Image.open(io.BytesIO(train[i]["label"]["bytes"])))) for i in range(4)]
     # Scale 1 and a full-size crop leave only the flip random: each sample must be raw or
     # flipped, image and label together.
-    train_ds = data.build_train_dataset(train, info, crop_size=(360, 480), mean=MEAN, std=STD, seed=3,
+    train_ds = data.build_train_dataset(train, info, crop_size=(360, 480), pad_mean=MEAN, seed=3,
                                         scale_range=(1.0, 1.0))
     loader = torch.utils.data.DataLoader(train_ds, batch_size=2, num_workers=2, collate_fn=data.train_collate)
     batches = list(loader)
     assert [b["pixel_values"].shape for b in batches] == [(2, 3, 360, 480)] * 2
+    assert [(b["pixel_values"].dtype, b["labels"].dtype) for b in batches] == [(torch.uint8, torch.uint8)] * 2
     flips = set()
     for i, (image, label) in enumerate(raw):
         batch = batches[i // 2]
-        got_image = (denormalize(batch["pixel_values"][i % 2]) * 255).round().permute(1, 2, 0).numpy()
+        got_image = batch["pixel_values"][i % 2].permute(1, 2, 0).numpy()
         got_label = batch["labels"][i % 2].numpy()
         flipped = not np.array_equal(got_label, label)
         flips.add(flipped)
         expected_image, expected_label = (image[:, ::-1], label[:, ::-1]) if flipped else (image, label)
         assert np.array_equal(got_label, expected_label)
-        assert np.abs(got_image - expected_image).max() <= 1
+        assert np.array_equal(got_image, expected_image)  # uint8 all the way: no rounding
         assert int(batch["num_skipped"]) == 0
 
-    eval_ds = data.build_eval_dataset(evaluation, info, mean=MEAN, std=STD, short_side=180)
+    eval_ds = data.build_eval_dataset(evaluation, info, pad_mean=MEAN, short_side=180)
     batch = data.eval_collate([eval_ds[0], eval_ds[1]])
     assert batch["pixel_values"].shape == (2, 3, 180, 240)
     assert batch["labels"].shape == (2, 360, 480)  # labels stay at full resolution
@@ -275,9 +272,9 @@ def test_voc_palette_and_rgb_masks_decode_to_the_same_class_indices(tmp_path):
         "image": [png_bytes(rgb(12, 16, seed)) for seed in range(2)],
         "mask": [png_bytes(palette_mask), png_bytes(palette_mask.convert("RGB"))],
     } for split in ("train", "val")})
-    _, evaluation, info = data.load_splits("pascal-voc", str(folder))
+    _, evaluation, info = data.load_splits(data.DataOptions("pascal-voc", str(folder)))
     assert info.ignore_index == 255 and info.num_labels == 21
-    ds = data.build_eval_dataset(evaluation, info, mean=MEAN, std=STD)
+    ds = data.build_eval_dataset(evaluation, info, pad_mean=MEAN)
     for i in range(2):
         assert torch.equal(ds[i]["labels"], torch.from_numpy(label.astype(np.int64)))
 
@@ -305,15 +302,15 @@ def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path):
     folder = write_dataset(tmp_path / "corrupt", {"train": columns, "validation": columns},
                            id2label={0: "a", 1: "b"})
     _, evaluation, info = data.load_splits(data.DataOptions(dataset_name=str(folder)))
-    strict = data.build_train_dataset(evaluation, info, crop_size=(4, 4), mean=MEAN, std=STD, seed=0)
+    strict = data.build_train_dataset(evaluation, info, crop_size=(4, 4), pad_mean=MEAN, seed=0)
     with pytest.raises(data.BadSampleError, match=r"row 1 \(name='frame_001'\).*cannot decode"):
         strict[1]
-    lenient = data.build_train_dataset(evaluation, info, crop_size=(4, 4), mean=MEAN, std=STD, seed=0,
+    lenient = data.build_train_dataset(evaluation, info, crop_size=(4, 4), pad_mean=MEAN, seed=0,
                                        skip_bad_samples=True)
     batches = list(torch.utils.data.DataLoader(lenient, batch_size=2, collate_fn=data.train_collate))
     assert [int(b["num_skipped"]) for b in batches] == [1, 0]
     assert [b["pixel_values"].shape[0] for b in batches] == [1, 2]
-    eval_ds = data.build_eval_dataset(evaluation, info, mean=MEAN, std=STD, skip_bad_samples=True)
+    eval_ds = data.build_eval_dataset(evaluation, info, pad_mean=MEAN, skip_bad_samples=True)
     batch = data.eval_collate([eval_ds[1]])
     assert int(batch["num_skipped"]) == 1 and batch["pixel_values"].shape[0] == 0
 
@@ -324,7 +321,7 @@ def test_image_and_label_of_different_sizes_name_the_sample(tmp_path):
     folder = write_dataset(tmp_path / "sizes", {"train": columns}, id2label={0: "x"})
     train, _, info = data.load_splits(data.DataOptions(dataset_name=str(folder), validation_fraction=0.5))
     with pytest.raises(data.BadSampleError, match=r"row 0 \(name='.'\).*6x4 but its label is 5x4"):
-        data.build_eval_dataset(train, info, mean=MEAN, std=STD)[0]
+        data.build_eval_dataset(train, info, pad_mean=MEAN)[0]
 
 
 # ----------------------------------------------------------------------------- loading errors and notes
@@ -419,54 +416,105 @@ def test_split_size_checks():
 # ----------------------------------------------------------------------------- augmentation
 
 
-PALETTE = np.array([[0.9, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.9], [0.95, 0.95, 0.2]], dtype=np.float32)
+# Corners of the RGB cube: no blend of other corners rounds to one of them, so a pixel that holds a palette
+# colour exactly was resampled from that colour alone.
+PALETTE = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 255, 255], [255, 255, 255]],
+                   dtype=np.uint8)
 
 
-def block_dataset(n: int = 3, size: tuple[int, int] = (40, 56)) -> tuple[datasets.Dataset, data.DataInfo]:
+def in_memory_dataset(images: list[np.ndarray], labels: list[np.ndarray], num_labels: int,
+                      mapping: str = data.LABELS_IDENTITY, ignore_index: int = 255
+                      ) -> tuple[datasets.Dataset, data.DataInfo]:
+    ds = datasets.Dataset.from_dict({"index": list(range(len(images)))}).with_transform(
+        lambda batch: {"image": [images[i] for i in batch["index"]], "label": [labels[i] for i in batch["index"]]})
+    id2label = {i: str(i) for i in range(num_labels)}
+    info = data.DataInfo(id2label=id2label, label2id={v: k for k, v in id2label.items()}, num_labels=num_labels,
+                         ignore_index=ignore_index, image_column="image", label_column="label", crop_size=(48, 48),
+                         label_mapping=mapping, label_transform=mapping)
+    return ds, info
+
+
+def block_dataset(n: int = 3, size: tuple[int, int] = (64, 96), cell: int = 16
+                  ) -> tuple[datasets.Dataset, data.DataInfo]:
     """Images of coloured blocks whose label is the palette index of each pixel's colour."""
     rng = np.random.default_rng(0)
     images, labels = [], []
     for _ in range(n):
-        cells = rng.integers(0, len(PALETTE), (size[0] // 8, size[1] // 8))
-        label = np.kron(cells, np.ones((8, 8), dtype=np.int64))
-        images.append((PALETTE[label] * 255).round().astype(np.uint8))
-        labels.append(label.astype(np.uint8))
-    ds = datasets.Dataset.from_dict({"index": list(range(n))}).with_transform(
-        lambda batch: {"image": [images[i] for i in batch["index"]], "label": [labels[i] for i in batch["index"]]})
-    info = data.DataInfo(id2label={i: str(i) for i in range(4)}, label2id={str(i): i for i in range(4)},
-                         num_labels=4, ignore_index=255, image_column="image", label_column="label",
-                         crop_size=(48, 48), label_mapping=data.LABELS_IDENTITY, label_transform="identity")
-    return ds, info
+        cells = rng.integers(0, len(PALETTE), (size[0] // cell, size[1] // cell))
+        label = np.kron(cells, np.ones((cell, cell), dtype=np.int64)).astype(np.uint8)
+        images.append(PALETTE[label])
+        labels.append(label)
+    return in_memory_dataset(images, labels, len(PALETTE))
 
 
 def test_augmentation_keeps_image_and_label_aligned():
     ds, info = block_dataset()
-    train = data.build_train_dataset(ds, info, crop_size=(48, 48), mean=MEAN, std=STD, seed=1)
-    checked = padded = 0
-    for epoch in range(4):
+    # 80 columns: wider than every image scaled below 0.83, so some samples are padded.
+    train = data.build_train_dataset(ds, info, crop_size=(64, 80), pad_mean=MEAN, seed=1)
+    shares, padded = [], 0
+    for epoch in range(12):
         train.set_epoch(epoch)
         for index in range(len(ds)):
             sample = train[index]
-            label = sample["labels"]
-            assert sample["pixel_values"].shape == (3, 48, 48) and label.shape == (48, 48)
-            assert sample["pixel_values"].dtype == torch.float32 and label.dtype == torch.long
-            colours = denormalize(sample["pixel_values"]).permute(1, 2, 0).numpy()
-            distance = np.linalg.norm(colours[:, :, None, :] - PALETTE[None, None], axis=-1)
-            from_colour = distance.argmin(-1)
-            valid = label.numpy() != 255
-            assert (from_colour[valid] == label.numpy()[valid]).mean() > 0.995
-            pad = ~valid
-            if pad.any():  # padding: ignore label, image 0 after normalisation
-                assert torch.all(sample["pixel_values"][:, torch.from_numpy(pad)] == 0)
-                padded += 1
-            checked += 1
-    assert checked == 12 and padded > 0
+            image, label = sample["pixel_values"].permute(1, 2, 0).numpy(), sample["labels"].numpy()
+            assert image.shape == (64, 80, 3) and label.shape == (64, 80)
+            assert image.dtype == np.uint8 and label.dtype == np.uint8
+            # Padding is whole rows and columns, the model's mean colour, and the only ignored label here.
+            pad = label == 255
+            assert np.array_equal(pad, pad.all(1, keepdims=True) | pad.all(0, keepdims=True))
+            assert (image[pad] == MEAN_RGB).all()
+            padded += bool(pad.any())
+            # Wherever the image holds a palette colour exactly, the label is that colour's index.
+            exact = (image[:, :, None, :] == PALETTE).all(-1)  # (h, w, colours)
+            assert (label[exact.any(-1)] == exact.argmax(-1)[exact.any(-1)]).all()
+            shares.append(exact.any(-1)[~pad].mean())
+    assert padded > 0 and np.mean(shares) > 0.5  # and most pixels do hold one: the check is not vacuous
+
+
+def ramp_dataset(n: int = 4, size: int = 256) -> tuple[datasets.Dataset, data.DataInfo]:
+    """Red = column, green = row (so the image tells where each output pixel came from); label = column // 2."""
+    rows, cols = np.mgrid[0:size, 0:size]
+    image = np.stack([cols, rows, np.zeros_like(cols)], axis=-1).astype(np.uint8)
+    label = (cols // 2).astype(np.uint8)
+    return in_memory_dataset([image] * n, [label] * n, size // 2)
+
+
+def test_scale_crop_and_flip_follow_the_configured_ranges():
+    ds, info = ramp_dataset()
+    crop, (low, high) = 64, (0.5, 2.0)
+    train = data.build_train_dataset(ds, info, crop_size=(crop, crop), pad_mean=MEAN, seed=3, scale_range=(low, high))
+    inner = np.arange(3, crop - 3)  # away from the window's edges, where the resampling filter is cut off
+    scales, offsets, flips, agree = [], [], [], []
+    for epoch in range(40):
+        train.set_epoch(epoch)
+        for index in range(len(ds)):
+            sample = train[index]
+            red, green = sample["pixel_values"][0].double().numpy(), sample["pixel_values"][1].double().numpy()
+            slope_x = np.polyfit(inner, red[inner][:, inner].mean(0), 1)[0]  # source columns per output column
+            slope_y = np.polyfit(inner, green[inner][:, inner].mean(1), 1)[0]
+            scale = 1 / abs(slope_x)
+            assert abs(1 / slope_y - scale) < 0.03 * scale  # one scale for both axes; rows are never flipped
+            flips.append(slope_x < 0)
+            # Where the crop's centre lies among the positions this scale allows (0 = left/top, 1 = right/bottom).
+            half = crop / 2 / scale
+            centre_x, centre_y = red[:, crop // 2 - 1:crop // 2 + 1].mean(), green[crop // 2 - 1:crop // 2 + 1].mean()
+            offsets += [(centre_x + 0.5 - half) / (256 - 2 * half), (centre_y + 0.5 - half) / (256 - 2 * half)]
+            scales.append(scale)
+            # The label moved with the image, flip included, to the pixel: each label is that of the source
+            # column the red says the pixel came from (a rounding tie may pick the neighbour).
+            agree.append(np.mean(sample["labels"].numpy()[:, inner] == red[:, inner] // 2))
+    scales, offsets = np.array(scales), np.array(offsets)
+    assert low * 0.97 < scales.min() < low + 0.1 and high - 0.15 < scales.max() < high * 1.03
+    assert abs(scales.mean() - (low + high) / 2) < 0.1  # uniform over the range
+    assert -0.03 < offsets.min() < 0.1 and 0.9 < offsets.max() < 1.03 and abs(offsets.mean() - 0.5) < 0.07
+    assert 0.4 < np.mean(flips) < 0.6
+    assert min(agree) > 0.99 and np.mean(agree) > 0.999
 
 
 def test_augmentation_is_a_function_of_seed_epoch_and_index():
     ds, info = block_dataset()
-    first = data.build_train_dataset(ds, info, crop_size=(32, 32), mean=MEAN, std=STD, seed=7)
-    second = data.build_train_dataset(ds, info, crop_size=(32, 32), mean=MEAN, std=STD, seed=7)
+    first = data.build_train_dataset(ds, info, crop_size=(32, 32), pad_mean=MEAN, seed=7)
+    second = data.build_train_dataset(ds, info, crop_size=(32, 32), pad_mean=MEAN, seed=7)
     first.set_epoch(2)
     second.set_epoch(2)
     for index in (2, 0, 1):  # any access order
@@ -474,18 +522,58 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index():
         assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["labels"], b["labels"])
     second.set_epoch(3)
     assert not torch.equal(first[1]["pixel_values"], second[1]["pixel_values"])
-    other_seed = data.build_train_dataset(ds, info, crop_size=(32, 32), mean=MEAN, std=STD, seed=8)
+    other_seed = data.build_train_dataset(ds, info, crop_size=(32, 32), pad_mean=MEAN, seed=8)
     other_seed.set_epoch(2)
     assert not torch.equal(first[1]["pixel_values"], other_seed[1]["pixel_values"])
 
 
-def test_eval_collate_pads_images_and_labels():
+@pytest.mark.parametrize("mapping, num_labels", [
+    (data.LABELS_IDENTITY, 11), (data.LABELS_REDUCE, 150), (data.LABELS_CITYSCAPES_LABELID, 19),
+    (data.LABELS_CITYSCAPES_LABELID, 11),  # trainIds beyond the classes: not one range, so values are counted
+])
+def test_every_uint8_label_value_is_judged_as_the_mapping_says(mapping, num_labels):
+    mapped = data.map_labels(np.arange(256), mapping, 255)
+    valid = ((mapped >= 0) & (mapped < num_labels)) | (mapped == 255)
+    masks = [np.array([[1, value], [value, 255]], dtype=np.uint8) for value in range(256)]
+    ds, info = in_memory_dataset([np.zeros((2, 2, 3), dtype=np.uint8)] * 256, masks, num_labels, mapping)
+    evaluation = data.build_eval_dataset(ds, info, pad_mean=MEAN)
+    train = data.build_train_dataset(ds, info, crop_size=(2, 2), pad_mean=MEAN, seed=0, scale_range=(1.0, 1.0))
+    for value in range(256):
+        if valid[value]:
+            assert evaluation[value]["labels"].tolist() == mapped[masks[value]].tolist()
+            assert sorted(train[value]["labels"].flatten().tolist()) == sorted(mapped[masks[value]].flatten().tolist())
+        else:
+            with pytest.raises(data.LabelValueError, match=rf"dataset row {value}: label values \[{mapped[value]}\]"):
+                evaluation[value]
+
+
+def test_labels_beyond_a_byte_stay_int64():
+    labels = [np.array([[0, 399], [1000, 7]], dtype=np.uint16)] * 2
+    ds, info = in_memory_dataset([np.zeros((2, 2, 3), dtype=np.uint8)] * 2, labels, 400, ignore_index=1000)
+    batch = data.train_collate([data.build_train_dataset(ds, info, crop_size=(2, 2), pad_mean=MEAN, seed=0,
+                                                         scale_range=(1.0, 1.0))[i] for i in range(2)])
+    assert batch["labels"].dtype == torch.int64 and batch["pixel_values"].dtype == torch.uint8
+    assert sorted(batch["labels"][0].flatten().tolist()) == [0, 7, 399, 1000]
+    with pytest.raises(data.LabelValueError, match=r"label values \[400\]"):
+        bad = [np.array([[0, 400], [1, 2]], dtype=np.uint16)]
+        data.build_eval_dataset(*in_memory_dataset([np.zeros((2, 2, 3), np.uint8)], bad, 400, ignore_index=1000),
+                                pad_mean=MEAN)[0]
+
+
+def test_eval_collate_pads_images_with_the_mean_colour_and_labels_with_ignore():
     samples = [
-        {"pixel_values": torch.ones(3, 4, 6), "labels": torch.zeros(8, 12, dtype=torch.long), "ignore_index": 99},
-        {"pixel_values": torch.ones(3, 5, 3), "labels": torch.ones(10, 6, dtype=torch.long), "ignore_index": 99},
+        {"pixel_values": torch.ones(3, 4, 6, dtype=torch.uint8), "labels": torch.zeros(8, 12, dtype=torch.uint8),
+         "ignore_index": 99, "pad_rgb": MEAN_RGB},
+        {"pixel_values": torch.ones(3, 5, 3, dtype=torch.uint8), "labels": torch.ones(10, 6, dtype=torch.uint8),
+         "ignore_index": 99, "pad_rgb": MEAN_RGB},
     ]
     batch = data.eval_collate(samples)
     assert batch["pixel_values"].shape == (2, 3, 5, 6) and batch["labels"].shape == (2, 10, 12)
+    assert batch["pixel_values"].dtype == batch["labels"].dtype == torch.uint8
     assert batch["image_sizes"].tolist() == [[4, 6], [5, 3]] and batch["label_sizes"].tolist() == [[8, 12], [10, 6]]
-    assert batch["pixel_values"][1, :, :, 3:].abs().sum() == 0 and batch["labels"][0, 8:].eq(99).all()
+    assert batch["pixel_values"][1, :, :, 3:].permute(1, 2, 0).eq(torch.tensor(MEAN_RGB, dtype=torch.uint8)).all()
+    assert batch["pixel_values"][0, :, :4].eq(1).all() and batch["labels"][0, 8:].eq(99).all()
     assert batch["labels"][1, :, 6:].eq(99).all() and int(batch["num_skipped"]) == 0
+    # The padding colour round-trips: the pipeline's uint8 mean colour is MEAN rounded.
+    ds, info = block_dataset(1)
+    assert data.build_eval_dataset(ds, info, pad_mean=MEAN)[0]["pad_rgb"] == MEAN_RGB

@@ -256,6 +256,9 @@ def test_processor_round_trip_and_mean_std(tmp_path, name, mean, std, flips):
     if flips:
         expected = expected.flip(1)
     assert torch.allclose(produced.float(), expected, atol=1e-4)
+    # The adapter does the same on the device from the uint8 batch the data pipeline makes.
+    adapted = models.make_input_adapter(reloaded)(torch.from_numpy(rgb).permute(2, 0, 1)[None])
+    assert adapted.dtype == torch.float32 and torch.allclose(adapted, produced.float(), atol=1e-4)
 
 
 def test_folder_without_processor_falls_back_to_family_default(tmp_path):
@@ -265,13 +268,14 @@ def test_folder_without_processor_falls_back_to_family_default(tmp_path):
     assert models.processor_mean_std(processor)[0] == pytest.approx(models.IMAGENET_MEAN)
 
 
-def test_input_adapter_converts_between_conventions():
+def test_input_adapter_normalizes_uint8_for_each_model_and_refuses_floats():
     segformer = models.load_image_processor("config:segformer-b0")
     mobilevit = models.load_image_processor("config:mobilevit-s")
-    mean, std = models.processor_mean_std(segformer)
-    x01 = torch.rand(2, 3, 8, 8)
-    normalized = (x01 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    to_mobilevit = models.make_input_adapter(mean, std, mobilevit)
-    assert torch.allclose(to_mobilevit(normalized), x01.flip(1), atol=1e-5)
-    same = models.make_input_adapter(mean, std, segformer)
-    assert same(normalized) is normalized
+    batch = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    x01 = batch.float() / 255
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in models.processor_mean_std(segformer))
+    # Student and teacher each get their own convention from the same uint8 batch.
+    assert torch.allclose(models.make_input_adapter(segformer)(batch), (x01 - mean) / std, atol=1e-5)
+    assert torch.allclose(models.make_input_adapter(mobilevit)(batch), x01.flip(1), atol=1e-6)
+    with pytest.raises(ValueError, match=r"must be uint8 \(B, 3, H, W\).*float32"):
+        models.make_input_adapter(segformer)(x01)

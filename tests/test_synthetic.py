@@ -7,7 +7,6 @@ import data
 import synthetic
 
 MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 
 
 def test_painted_class_ids_match_the_preset_class_names():
@@ -54,7 +53,7 @@ def test_synthetic_splits_are_disjoint_and_sizable():
     train_ids = {train[i]["index"] for i in range(len(train))}
     eval_ids = {evaluation[i]["index"] for i in range(len(evaluation))}
     assert not train_ids & eval_ids
-    batch = data.train_collate([data.build_train_dataset(train, info, crop_size=(64, 64), mean=MEAN, std=STD,
+    batch = data.train_collate([data.build_train_dataset(train, info, crop_size=(64, 64), pad_mean=MEAN,
                                                          seed=0)[i] for i in range(2)])
     assert batch["pixel_values"].shape == (2, 3, 64, 64)
     data.check_labels(batch["labels"], info.num_labels, info.ignore_index)

@@ -79,13 +79,14 @@ def _recompute_miou(out: Path, eval_hf, info) -> dict:
     import models
 
     model = AutoModelForSemanticSegmentation.from_pretrained(out).eval()
-    mean, std = models.processor_mean_std(AutoImageProcessor.from_pretrained(out))
-    ds = data.build_eval_dataset(eval_hf, info, mean=mean, std=std)
+    processor = AutoImageProcessor.from_pretrained(out)
+    adapter = models.make_input_adapter(processor)
+    ds = data.build_eval_dataset(eval_hf, info, pad_mean=models.processor_mean_std(processor)[0])
     preds, labels = [], []
     with torch.no_grad():
         for i in range(len(ds)):
             item = ds[i]
-            logits = model(pixel_values=item["pixel_values"][None]).logits
+            logits = model(pixel_values=adapter(item["pixel_values"][None])).logits
             logits = torch.nn.functional.interpolate(logits, size=item["labels"].shape, mode="bilinear",
                                                      align_corners=False)
             preds.append(logits.argmax(1)[0].numpy())

@@ -40,9 +40,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     train_hf, _, info = data.load_splits(data.DataOptions(dataset=args.dataset, dataset_name=args.dataset_name, seed=args.seed))
     teacher = models.load_teacher(args.teacher, info.id2label)
     t_processor = models.load_image_processor(args.teacher)
-    mean, std = models.processor_mean_std(t_processor)
-    ds = data.build_train_dataset(train_hf, info, crop_size=tuple(args.crop or info.crop_size), mean=mean, std=std,
-                                  seed=args.seed)
+    ds = data.build_train_dataset(train_hf, info, crop_size=tuple(args.crop or info.crop_size),
+                                  pad_mean=models.processor_mean_std(t_processor)[0], seed=args.seed)
     batch = data.train_collate([ds[i] for i in range(min(args.batch_size, len(ds)))])
     labels = batch["labels"]
     valid = labels != info.ignore_index
@@ -52,12 +51,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("|---|---|---|---|---|---|")
     with torch.no_grad():
         t_logits = models.segmentation_logits(
-            teacher, models.make_input_adapter(mean, std, t_processor)(batch["pixel_values"]))
+            teacher, models.make_input_adapter(t_processor)(batch["pixel_values"]))
         for name in args.student:
             student = models.load_student(name, info.id2label).eval()
             s_processor = models.load_image_processor(name)
             s_logits = models.segmentation_logits(
-                student, models.make_input_adapter(mean, std, s_processor)(batch["pixel_values"]))
+                student, models.make_input_adapter(s_processor)(batch["pixel_values"]))
             ce = losses.masked_cross_entropy(s_logits, labels, info.ignore_index)
             kd = [losses.kd_loss(s_logits, t_logits, valid, t).item() for t in temps]
             ics = [losses.icsd_loss(s_logits, t_logits, valid, t).item() for t in temps]

@@ -219,9 +219,9 @@ def figures(args: argparse.Namespace, teacher_dir: Path, students: dict[str, Pat
     for name, folder in nets.items():
         model = models.load_model(str(folder), info.id2label, role="teacher").eval()
         processor = models.load_image_processor(str(folder))
-        mean, std = models.processor_mean_std(processor)
-        adapter = models.make_input_adapter(mean, std, processor)
-        ds = data.build_eval_dataset(eval_hf, info, mean=mean, std=std, short_side=args.eval_short_side)
+        adapter = models.make_input_adapter(processor)
+        ds = data.build_eval_dataset(eval_hf, info, pad_mean=models.processor_mean_std(processor)[0],
+                                     short_side=args.eval_short_side)
         preds[name], mats = [], []
         shown = []
         for i in range(len(ds)):
@@ -231,8 +231,7 @@ def figures(args: argparse.Namespace, teacher_dir: Path, students: dict[str, Pat
             mats.append(losses.row_normalize(losses.ics_matrix(logits, valid))[0].numpy())
             up = F.interpolate(logits, size=item["labels"].shape, mode="bilinear", align_corners=False)
             preds[name].append(up.argmax(1)[0].numpy())
-            x01 = (item["pixel_values"] * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1))
-            shown.append(((x01.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy(), item["labels"].numpy()))
+            shown.append((item["pixel_values"].permute(1, 2, 0).numpy(), item["labels"].numpy()))
         ics[name] = np.mean(mats, axis=0)
     scale = 0.5 if shown[0][1].shape[0] > 200 else 1.0
 

@@ -604,10 +604,54 @@ def write_model_card(
         argv: the command line (``sys.argv``), published redacted.
         example_size: (width, height) of the image in the usage snippet.
     """
-    from huggingface_hub import EvalResult, ModelCardData
-
     title = card_title(args, student, dataset)
     license_id, license_text = resolve_license(getattr(args, "hub_license", None), dataset)
+    columns = (["teacher"] if teacher is not None else []) + ["student"]
+    where = (f"the first {dataset.num_eval_images} images of the {dataset.split} split of {dataset.name}"
+             if dataset.subset else f"the {dataset.split} split of {dataset.name} ({dataset.num_eval_images} images)")
+    preprocessing = (f"short side resized to {args.eval_short_side} px" if args.eval_short_side
+                     else "whole images, no resize")
+    parts = [
+        f"---\n{_card_metadata(args, results, title, license_id, student, dataset).to_yaml()}\n---\n",
+        f"# {title}\n",
+        _card_paragraph(args, info, results, title, student, teacher, dataset, where) + "\n",
+    ]
+    if PREDICTIONS_FILE in pictures:
+        parts.append(f"![Validation images, ground truth, {' and '.join(columns)} predictions]({PREDICTIONS_FILE})\n\n"
+                     f"*Fixed validation images: image, ground truth, {', '.join(columns)}; one colour per class, "
+                     "legend below the rows.*\n")
+    parts += [
+        "## Results\n",
+        f"On {where}; {preprocessing}, labels at full resolution. A class absent from both labels and "
+        "predictions counts as n/a and is left out of the means.\n",
+        *_card_result_tables(info, results, teacher, columns),
+    ]
+    if ICS_FILE in pictures:
+        parts += ["### Inter-class similarity\n",
+                  f"![Inter-class similarity matrices of {' and '.join(columns)}]({ICS_FILE})\n\n"
+                  "*The row-normalised inter-class similarity matrices that ICSD matches, averaged over the "
+                  "pictured images.*\n"]
+    parts += [
+        "## Training configuration\n",
+        _card_configuration(args, info, results, student, teacher, dataset, f"{where}; {preprocessing}") + "\n",
+        "## Usage\n",
+        *_card_usage(args, example_size),
+        "## Reproduce\n",
+        "```bash\n" + reproduce_command(argv or ["train_icsd.py"]) + "\n```\n",
+        "Paths of the training machine are shown as `path/to/<name>` placeholders.\n",
+        "## Limitations\n",
+        "\n".join(f"- {line}" for line in _card_limitations(args, results, teacher, dataset)) + "\n",
+        "## Licence\n",
+        license_text + "\n",
+    ]
+    return "\n".join(parts)
+
+
+def _card_metadata(args: argparse.Namespace, results: dict, title: str, license_id: str | None,
+                   student: ModelFacts, dataset: DatasetFacts) -> Any:
+    """The YAML front matter the Hub reads: library, task, tags, data, base model, licence and model-index."""
+    from huggingface_hub import EvalResult, ModelCardData
+
     tags = ["semantic-segmentation", "aicsd"]
     if args.distill != "none":
         tags = ["knowledge-distillation", *tags] + ([args.distill] if args.distill != "aicsd" else [])
@@ -617,27 +661,26 @@ def write_model_card(
                    metric_value=round(float(results[f"eval_{key}"]), 6))
         for key, name, _ in METRICS if results.get(f"eval_{key}") is not None
     ]
-    metadata = ModelCardData(
+    return ModelCardData(
         library_name="transformers", pipeline_tag="image-segmentation", tags=tags, license=license_id,
         datasets=[dataset.hub_id] if dataset.hub_id else None,
         base_model=student.name if student.kind == "hub" else None,
         model_name=title, eval_results=eval_results or None,
     )
 
-    names = [info.id2label[i] for i in range(info.num_labels)]
-    steps = results.get("train_steps")
-    evaluated_teacher = teacher is not None and "teacher_eval_mean_iou" in results
-    where = (f"the first {dataset.num_eval_images} images of the {dataset.split} split of {dataset.name}"
-             if dataset.subset else f"the {dataset.split} split of {dataset.name} ({dataset.num_eval_images} images)")
 
-    # What the student is, who taught it, how.
+def _card_paragraph(args: argparse.Namespace, info: Any, results: dict, title: str, student: ModelFacts,
+                    teacher: ModelFacts | None, dataset: DatasetFacts, where: str) -> str:
+    """What the student is, who taught it and how, and its score."""
+    evaluated_teacher = teacher is not None and "teacher_eval_mean_iou" in results
     init = {"hub": f"starting from {student.phrase()}",
             "config": f"starting from random weights (`{student.name}`)",
             "local": "starting from a local model"}.get(student.kind, "")
     subject = f"**{title}**" if getattr(args, "hub_model_id", None) else "This model"
     paragraph = (f"{subject} is a {student.architecture} semantic-segmentation model "
                  f"({student.num_parameters / 1e6:.2f} M parameters) for the {info.num_labels} classes of "
-                 f"{dataset.name}, {init}, trained for {steps} optimizer steps with {_objective(args)}.")
+                 f"{dataset.name}, {init}, trained for {results.get('train_steps')} optimizer steps with "
+                 f"{_objective(args)}.")
     if teacher is not None and args.distill != "none":
         paragraph += f" Its teacher was {teacher.phrase()}"
     elif teacher is not None:
@@ -648,10 +691,13 @@ def write_model_card(
     if args.distill != "none":
         paragraph += (" The losses are those of [AICSD](https://arxiv.org/abs/2308.04243) (Mansourian et al.) "
                       "and its baselines.")
-    paragraph += f" On {where} the student scores mIoU {_pct(results.get('eval_mean_iou'))} %."
+    return paragraph + f" On {where} the student scores mIoU {_pct(results.get('eval_mean_iou'))} %."
 
-    # Results, teacher and student side by side.
-    columns = (["teacher"] if teacher is not None else []) + ["student"]
+
+def _card_result_tables(info: Any, results: dict, teacher: ModelFacts | None, columns: list[str]) -> list[str]:
+    """The metrics, then the per-class IoU, teacher and student side by side."""
+    evaluated_teacher = teacher is not None and "teacher_eval_mean_iou" in results
+    names = [info.id2label[i] for i in range(info.num_labels)]
     lines = ["| metric (%) | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for key, _, label in METRICS:
         cells = ([_pct(results.get(f"teacher_eval_{key}")) if evaluated_teacher else "not evaluated"]
@@ -664,28 +710,56 @@ def write_model_card(
     for i, name in enumerate(names):
         cells = ([_pct(teacher_iou[i]) if evaluated_teacher else "–"] if teacher is not None else [])
         lines.append(f"| {name} | " + " | ".join(cells + [_pct(student_iou[i])]) + " |")
-    class_table = "\n".join(lines)
+    return [results_table + "\n", "### Per-class IoU\n", "\n".join(lines) + "\n"]
 
-    # Configuration.
+
+def _card_configuration(args: argparse.Namespace, info: Any, results: dict, student: ModelFacts,
+                        teacher: ModelFacts | None, dataset: DatasetFacts, evaluation: str) -> str:
+    """The training configuration as a two-column table."""
     crop = tuple(args.crop_size or info.crop_size)
     batch = args.per_device_train_batch_size * results.get("num_processes", 1) * args.gradient_accumulation_steps
-    preprocessing = (f"short side resized to {args.eval_short_side} px" if args.eval_short_side
-                     else "whole images, no resize")
     config_rows = [
         ("objective", _objective(args)),
         ("student initialisation", student.phrase() if student.kind != "local" else "a local model"),
         ("teacher", teacher.phrase() if teacher is not None else "none"),
         ("data", f"{dataset.name}, {info.num_labels} classes, ignore index {info.ignore_index}"),
-        ("optimizer steps", f"{steps} (global batch {batch}, {results.get('num_processes', 1)} process(es))"),
+        ("optimizer steps", f"{results.get('train_steps')} (global batch {batch}, "
+                            f"{results.get('num_processes', 1)} process(es))"),
         ("training crop", f"{crop[0]}x{crop[1]}, random scale 0.5-2.0 and horizontal flip"),
         ("optimiser", f"AdamW, learning rate {args.learning_rate}, weight decay {args.weight_decay}, "
                       f"{args.lr_scheduler_type} schedule, {args.num_warmup_steps} warm-up steps"),
         ("mixed precision", str(args.mixed_precision or "as configured in Accelerate")),
         ("seed", str(args.seed)),
-        ("evaluation", f"{where}; {preprocessing} (the saved image processor does the same)"),
+        ("evaluation", f"{evaluation} (the saved image processor does the same)"),
     ]
-    config_table = "\n".join(["| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in config_rows)])
+    return "\n".join(["| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in config_rows)])
 
+
+def _card_usage(args: argparse.Namespace, example_size: tuple[int, int]) -> list[str]:
+    """How the pipeline reproduces the numbers, and a snippet with the Hub id that runs as written."""
+    width, height = example_size
+    return [
+        ("The saved image processor feeds the whole image, as the evaluation above did, so the pipeline "
+         "reproduces these numbers.\n" if not args.eval_short_side else
+         f"The saved image processor resizes the short side to {args.eval_short_side} px, as the evaluation above "
+         "did (with PIL's bilinear filter where evaluation used torch's, so the pipeline's numbers can differ "
+         "in the last digits).\n"),
+        "```python\n"
+        "from PIL import Image\n"
+        "from transformers import pipeline\n\n"
+        f'segmenter = pipeline("image-segmentation", model="{_usage_id(args)}")\n'
+        f'image = Image.new("RGB", ({width}, {height}), "gray")'
+        '  # your photo: Image.open("street.jpg").convert("RGB")\n'
+        "for segment in segmenter(image):  # one binary mask (PIL, mode L) per class the model predicts\n"
+        '    print(segment["label"], segment["mask"].size)\n'
+        "```\n",
+    ]
+
+
+def _card_limitations(args: argparse.Namespace, results: dict, teacher: ModelFacts | None,
+                      dataset: DatasetFacts) -> list[str]:
+    """What a reader must know before using the model: random teacher, short run, few images, one dataset."""
+    steps = results.get("train_steps")
     limitations = []
     if teacher is not None and teacher.kind == "config" and args.distill != "none":
         limitations.append(f"The teacher was randomly initialised (`{teacher.name}`) and never trained: the student "
@@ -696,58 +770,7 @@ def write_model_card(
         limitations.append(f"The metrics come from {dataset.num_eval_images} validation images only.")
     limitations.append(f"Trained and evaluated on {dataset.name} only: expect lower accuracy on other cameras, "
                        "places and class definitions.")
-
-    usage_id = _usage_id(args)
-    width, height = example_size
-    parts = [
-        f"---\n{metadata.to_yaml()}\n---\n",
-        f"# {title}\n",
-        paragraph + "\n",
-    ]
-    if PREDICTIONS_FILE in pictures:
-        parts.append(f"![Validation images, ground truth, {' and '.join(columns)} predictions]({PREDICTIONS_FILE})\n\n"
-                     f"*Fixed validation images: image, ground truth, {', '.join(columns)}; one colour per class, "
-                     "legend below the rows.*\n")
-    parts += [
-        "## Results\n",
-        f"On {where}; {preprocessing}, labels at full resolution. A class absent from both labels and "
-        "predictions counts as n/a and is left out of the means.\n",
-        results_table + "\n",
-        "### Per-class IoU\n",
-        class_table + "\n",
-    ]
-    if ICS_FILE in pictures:
-        parts += ["### Inter-class similarity\n",
-                  f"![Inter-class similarity matrices of {' and '.join(columns)}]({ICS_FILE})\n\n"
-                  "*The row-normalised inter-class similarity matrices that ICSD matches, averaged over the "
-                  "pictured images.*\n"]
-    parts += [
-        "## Training configuration\n",
-        config_table + "\n",
-        "## Usage\n",
-        ("The saved image processor feeds the whole image, as the evaluation above did, so the pipeline "
-         "reproduces these numbers.\n" if not args.eval_short_side else
-         f"The saved image processor resizes the short side to {args.eval_short_side} px, as the evaluation above "
-         "did (with PIL's bilinear filter where evaluation used torch's, so the pipeline's numbers can differ "
-         "in the last digits).\n"),
-        "```python\n"
-        "from PIL import Image\n"
-        "from transformers import pipeline\n\n"
-        f'segmenter = pipeline("image-segmentation", model="{usage_id}")\n'
-        f'image = Image.new("RGB", ({width}, {height}), "gray")'
-        '  # your photo: Image.open("street.jpg").convert("RGB")\n'
-        "for segment in segmenter(image):  # one binary mask (PIL, mode L) per class the model predicts\n"
-        '    print(segment["label"], segment["mask"].size)\n'
-        "```\n",
-        "## Reproduce\n",
-        "```bash\n" + reproduce_command(argv or ["train_icsd.py"]) + "\n```\n",
-        "Paths of the training machine are shown as `path/to/<name>` placeholders.\n",
-        "## Limitations\n",
-        "\n".join(f"- {line}" for line in limitations) + "\n",
-        "## Licence\n",
-        license_text + "\n",
-    ]
-    return "\n".join(parts)
+    return limitations
 
 
 # ---------------------------------------------------------------------------------------------------------

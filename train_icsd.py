@@ -531,6 +531,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     progress = tqdm(range(plan.max_train_steps), initial=state.completed_steps,
                     disable=not accelerator.is_local_main_process)
     tracker = utils.LossTracker(["loss", *LOSS_TERMS[args.distill]], accelerator.device)
+    buffers = utils.BufferSnapshot(student, enabled=args.skip_nonfinite_steps)  # a skipped step gives them back
     run_info = dict(max_train_steps=plan.max_train_steps, alw_total=plan.alw_total,
                     alw_granularity=args.alw_granularity, distill=args.distill)
     started, stop_reason = time.time(), None
@@ -545,6 +546,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             state.batches_in_epoch += 1
             tracker.pending_skipped += int(batch.pop("num_skipped", torch.zeros(())).sum())
             alpha = alw.alw_alpha(epoch if args.alw_granularity == "epoch" else state.completed_steps, plan.alw_total)
+            buffers.start_step()
             with accelerator.accumulate(student):
                 if batch["pixel_values"].shape[0] == 0:
                     # Every sample was skipped: a zero loss that touches every parameter keeps DDP in step.
@@ -559,6 +561,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 continue
 
             outcome = tracker.end_step(accelerator, utils.stop_requested())
+            buffers.end_step(skipped=outcome.nonfinite_term is not None)
             state.skipped_samples += outcome.skipped_samples
             if outcome.nonfinite_term is None:
                 optimizer_step(args, accelerator, student, optimizer, state.completed_steps, plan.max_train_steps)

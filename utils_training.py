@@ -30,7 +30,10 @@ import re
 import shutil
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -217,6 +220,35 @@ class LossTracker:
         return {f"train/{k}": v / max(totals[-1], 1.0) for k, v in zip(self.keys, totals)}
 
 
+class BufferSnapshot:
+    """The model's buffers (BatchNorm running statistics) as they were before the current optimizer step.
+
+    A skipped step (``--skip_nonfinite_steps``) must leave the model exactly as it was, but the forward passes
+    of its micro-batches have already moved the running statistics, to NaN when the activations overflowed.
+    :meth:`start_step` copies every buffer at the first micro-batch of an optimizer step (copies on the device,
+    no host sync; BatchNorm buffers are small) and :meth:`end_step` copies them back when the step is skipped.
+    """
+
+    def __init__(self, model: torch.nn.Module, enabled: bool = True) -> None:
+        self.buffers = list(model.buffers()) if enabled else []  # not enabled: a non-finite step ends the run
+        self.saved = [b.detach().clone() for b in self.buffers]
+        self.in_step = False
+
+    def start_step(self) -> None:
+        """Call before each micro-batch's forward pass; copies the buffers at the first one of a step."""
+        if not self.in_step:
+            for saved, buffer in zip(self.saved, self.buffers):
+                saved.copy_(buffer)
+            self.in_step = True
+
+    def end_step(self, skipped: bool) -> None:
+        """Call once the step's fate is known: a skipped step gets the buffers of its start back."""
+        if skipped:
+            for saved, buffer in zip(self.saved, self.buffers):
+                buffer.copy_(saved)
+        self.in_step = False
+
+
 class MetricLogger:
     """Send metrics to the trackers (``--with_tracking``) and, from the main process, to ``--log_file``."""
 
@@ -261,11 +293,18 @@ def list_checkpoints(output_dir: str) -> list[Path]:
     return sorted(found, key=lambda p: int(_CKPT_RE.match(p.name).group(1)))
 
 
+def first_nonfinite(model: torch.nn.Module) -> str | None:
+    """The name of the first parameter or floating-point buffer (BatchNorm running statistics) holding NaN/Inf;
+    None when every one is finite. Reads each tensor's verdict on the host: for occasional checks only."""
+    tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if b.is_floating_point())]
+    return next((name for name, t in tensors if not torch.isfinite(t).all()), None)
+
+
 def check_finite_model(model: torch.nn.Module, what: str) -> None:
     """Raise FloatingPointError (one line for the user) if ``model`` holds NaN/Inf: such a model is never saved."""
     # A finite loss can still give a non-finite update (an overflowing gradient, a huge learning rate); with
     # --skip_nonfinite_steps the run would then skip every later step. The previous checkpoint stays as it is.
-    bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    bad = first_nonfinite(model)
     if bad is not None:
         raise FloatingPointError(
             f"refusing to save {what}: the model holds NaN/Inf (first in {bad}); lower --learning_rate or set "

@@ -1159,15 +1159,17 @@ class SegmentationEvalDataset(_SegmentationSource):
     """Whole images (optionally resized so the short side is ``short_side``), labels at full resolution.
 
     Items: ``{"pixel_values": float (3, h, w), "labels": long (H, W),
-    "ignore_index": int}``; :func:`eval_collate` pads and batches them.
+    "ignore_index": int, "min_size": int}``; :func:`eval_collate` pads and batches them, images to at least
+    ``min_size`` per side (the smallest input the models run on).
     """
 
     def __init__(self, hf_ds: datasets.Dataset, info: DataInfo, *, mean: Sequence[float], std: Sequence[float],
-                 short_side: int | None = None, skip_bad_samples: bool = False):
+                 short_side: int | None = None, skip_bad_samples: bool = False, min_size: int = 1):
         super().__init__(hf_ds, info, mean, std, skip_bad_samples)
         if short_side is not None and short_side < 1:
             raise ValueError(f"short_side must be positive, got {short_side}")
         self.short_side = short_side
+        self.min_size = min_size
 
     def __getitem__(self, index: int) -> dict:
         try:
@@ -1186,6 +1188,7 @@ class SegmentationEvalDataset(_SegmentationSource):
             "pixel_values": self._normalize(image),
             "labels": torch.from_numpy(_writable(label_np)),
             "ignore_index": self.info.ignore_index,
+            "min_size": self.min_size,
         }
 
 
@@ -1209,10 +1212,12 @@ def build_train_dataset(hf_ds: datasets.Dataset, info: DataInfo, *, crop_size: t
 
 
 def build_eval_dataset(hf_ds: datasets.Dataset, info: DataInfo, *, mean: Sequence[float], std: Sequence[float],
-                       short_side: int | None = None, skip_bad_samples: bool = False) -> SegmentationEvalDataset:
-    """Evaluation pipeline over ``hf_ds`` (see :class:`SegmentationEvalDataset`)."""
+                       short_side: int | None = None, skip_bad_samples: bool = False,
+                       min_size: int = 1) -> SegmentationEvalDataset:
+    """Evaluation pipeline over ``hf_ds`` (see :class:`SegmentationEvalDataset`); batches pad images smaller
+    than ``min_size`` px per side up to it."""
     return SegmentationEvalDataset(hf_ds, info, mean=mean, std=std, short_side=short_side,
-                                   skip_bad_samples=skip_bad_samples)
+                                   skip_bad_samples=skip_bad_samples, min_size=min_size)
 
 
 def _split_skipped(samples: Sequence[dict]) -> tuple[list[dict], int]:
@@ -1242,7 +1247,8 @@ def train_collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
 def eval_collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
     """Pad evaluation samples to the batch's largest image and label.
 
-    Images are padded with 0 (bottom/right), labels with the samples' ignore index.
+    Images are padded with 0 (bottom/right), labels with the samples' ignore index; images also to the samples'
+    ``min_size`` per side (a 1x1 image would make the model fail; predictions are cut back to ``image_sizes``).
 
     Returns:
         ``pixel_values`` (B, 3, H, W), ``labels`` (B, Hl, Wl) long,
@@ -1259,7 +1265,8 @@ def eval_collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
     ignore_index = int(kept[0].get("ignore_index", 255))
     image_sizes = torch.tensor([tuple(s["pixel_values"].shape[1:]) for s in kept], dtype=torch.long)
     label_sizes = torch.tensor([tuple(s["labels"].shape) for s in kept], dtype=torch.long)
-    max_h, max_w = (int(v) for v in image_sizes.max(0).values)
+    min_size = max(int(s.get("min_size", 1)) for s in kept)
+    max_h, max_w = (max(int(v), min_size) for v in image_sizes.max(0).values)
     max_lh, max_lw = (int(v) for v in label_sizes.max(0).values)
     pixel_values = torch.zeros(len(kept), 3, max_h, max_w, dtype=kept[0]["pixel_values"].dtype)
     labels = torch.full((len(kept), max_lh, max_lw), ignore_index, dtype=torch.long)

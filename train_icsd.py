@@ -164,15 +164,42 @@ def _resolve_defaults(args: argparse.Namespace) -> None:
     for name in ("max_train_steps", "eval_steps", "checkpoints_total_limit", "max_train_samples", "max_eval_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1; got {getattr(args, name)}")
-    if args.num_pictures < 0:
-        raise UsageError(f"--num_pictures must be >= 0; got {args.num_pictures}")
-    if not args.temperature > 0:
-        raise UsageError(f"--temperature must be > 0; got {args.temperature}")
+    for name in ("num_pictures", "dataloader_num_workers", "num_warmup_steps"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name} must be >= 0; got {getattr(args, name)}")
+    if args.eval_short_side is not None and args.eval_short_side < 1:
+        raise UsageError(f"--eval_short_side must be >= 1; got {args.eval_short_side}")
+    if not 0 <= args.seed < 2**32:
+        raise UsageError(f"--seed must be in [0, 2**32); got {args.seed}")
+    _check_real_numbers(args)
     if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
         if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
             raise UsageError(f"--checkpointing_steps takes a positive integer or 'epoch'; got {args.checkpointing_steps!r}")
     if args.push_to_hub and args.hub_model_id is None:
         args.hub_model_id = Path(args.output_dir).resolve().name
+        if problem := utils_hub.repo_id_problem(args.hub_model_id):
+            raise UsageError(f"--hub_model_id defaults to the --output_dir folder's name, which {problem}: pass one")
+    # Before the id reaches a tracker's hparams or the card: a token pasted here would be published.
+    if args.hub_model_id is not None and (problem := utils_hub.repo_id_problem(args.hub_model_id)):
+        raise UsageError(f"--hub_model_id {problem}")
+    if args.push_to_hub:  # now, not after training
+        try:
+            utils_hub.probe_hub_login()
+        except utils_hub.HubProbeError as err:
+            advice = {utils_hub.OFFLINE: ": unset it, or drop --push_to_hub and upload the folder later "
+                                         "(`hf upload`)"}.get(err.kind, "")
+            raise UsageError(f"--push_to_hub needs the Hub, but {err}{advice}") from None
+
+
+def _check_real_numbers(args: argparse.Namespace) -> None:
+    """Float flags: NaN/Inf or a sign that would train silently wrong (a negative --max_grad_norm ascends the
+    gradient, 0 freezes the model; a negative weight flips a loss term) are refused."""
+    rules = {"learning_rate": "> 0", "temperature": "> 0", "max_grad_norm": "> 0", "weight_decay": ">= 0",
+             "lambda_ics": ">= 0", "lambda_kd": ">= 0", "lambda_cwd": ">= 0", "lambda_ickd": ">= 0"}
+    for name, rule in rules.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and (value > 0 if rule == "> 0" else value >= 0)):
+            raise UsageError(f"--{name} must be a finite number {rule}; got {value}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -335,7 +362,9 @@ def load_models(args: argparse.Namespace, info: data.DataInfo, accelerator: Acce
 
     Returns a dict with ``student``, ``processor`` (the student's image processor), ``student_adapter``,
     ``teacher`` and ``teacher_adapter`` (both None when the run needs no teacher), ``mean``/``std`` (the
-    dataset pipeline's normalisation: the student's).
+    dataset pipeline's normalisation: the student's), ``min_side`` (the smallest input side both run on).
+    Refuses, in one line, weights holding NaN/Inf and a training crop or ``--eval_short_side`` below
+    ``min_side``.
     """
     student = models.load_student(args.student_model_name_or_path, info.id2label, trust_remote_code=args.trust_remote_code)
     processor = models.load_image_processor(args.student_model_name_or_path, trust_remote_code=args.trust_remote_code)
@@ -349,22 +378,48 @@ def load_models(args: argparse.Namespace, info: data.DataInfo, accelerator: Acce
                                                         trust_remote_code=args.trust_remote_code)
         teacher_adapter = models.make_input_adapter(mean, std, teacher_processor)
         teacher.to(accelerator.device)  # prepare() refuses a model without trainable parameters
+    min_side = check_models(args, info, {"student": student, "teacher": teacher})
     logger.info(f"student {args.student_model_name_or_path}: {models.count_parameters(student) / 1e6:.2f} M parameters; "
                 f"teacher {args.teacher_model_name_or_path}: "
                 f"{models.count_parameters(teacher) / 1e6 if teacher is not None else 0:.2f} M")
     return dict(student=student, processor=processor, student_adapter=models.make_input_adapter(mean, std, processor),
-                teacher=teacher, teacher_adapter=teacher_adapter, mean=mean, std=std)
+                teacher=teacher, teacher_adapter=teacher_adapter, mean=mean, std=std, min_side=min_side,
+                teacher_logits_checked=False)
+
+
+def check_models(args: argparse.Namespace, info: data.DataInfo, nets: dict) -> int:
+    """Refuse in one line, before training: a model whose weights hold NaN/Inf (every loss would be non-finite,
+    whatever the learning rate), and a training crop or ``--eval_short_side`` smaller than a model runs on
+    (found by dry forward passes). ``nets`` maps "student"/"teacher" to the model, or None. Returns the
+    smallest input side every model runs on: evaluation pads smaller images up to it."""
+    crop, sides = args.crop_size or info.crop_size, [1]
+    for role, model in nets.items():
+        if model is None:
+            continue
+        flag = f"--{role}_model_name_or_path {getattr(args, f'{role}_model_name_or_path')}"
+        if (bad := utils.first_nonfinite(model)) is not None:
+            raise UsageError(f"{flag}: the {role}'s weights hold NaN/Inf (first in {bad}); train it again or "
+                             "load another checkpoint")
+        side = models.smallest_input_side(model)
+        sides.append(side)
+        if min(crop) < side and (role == "student" or args.distill != "none"):
+            raise UsageError(f"the training crop {crop[0]}x{crop[1]} (--crop_size) is smaller than the {role} "
+                             f"({flag}) takes: at least {side} px per side")
+        if args.eval_short_side is not None and args.eval_short_side < side:
+            raise UsageError(f"--eval_short_side {args.eval_short_side} is smaller than the {role} ({flag}) "
+                             f"takes: at least {side} px")
+    return max(sides)
 
 
 def build_dataloaders(args: argparse.Namespace, train_hf, eval_hf, info: data.DataInfo, mean, std,
-                      accelerator: Accelerator) -> argparse.Namespace:
+                      accelerator: Accelerator, min_side: int = 1) -> argparse.Namespace:
     """``train``: the training loader (a seeded permutation per epoch, deterministic augmentation per sample),
     with its ``sampler`` and ``train_ds`` (both take ``set_epoch``); ``eval``: this process's shard of the
-    evaluation set."""
+    evaluation set, whose images are padded to at least ``min_side`` px per side."""
     train_ds = data.build_train_dataset(train_hf, info, crop_size=args.crop_size or info.crop_size, mean=mean, std=std,
                                         seed=args.seed, skip_bad_samples=args.skip_bad_samples)
     eval_ds = data.build_eval_dataset(eval_hf, info, mean=mean, std=std, short_side=args.eval_short_side,
-                                      skip_bad_samples=args.skip_bad_samples)
+                                      skip_bad_samples=args.skip_bad_samples, min_size=min_side)
     loader_kwargs = dict(num_workers=args.dataloader_num_workers, worker_init_fn=utils.worker_init,
                          pin_memory=accelerator.device.type == "cuda",
                          generator=torch.Generator().manual_seed(args.seed))
@@ -415,11 +470,21 @@ def epoch_loader(accelerator: Accelerator, loaders: argparse.Namespace, epoch: i
 
 def teacher_logits(models_: dict, args: argparse.Namespace, pixel_values: torch.Tensor,
                    accelerator: Accelerator) -> torch.Tensor | None:
-    """The frozen teacher's logits (B, C, ht, wt), or None when the objective needs no teacher."""
+    """The frozen teacher's logits (B, C, ht, wt), or None when the objective needs no teacher.
+
+    The first batch's are checked (one host sync): non-finite teacher logits are the teacher's fault, not a
+    learning rate's, and are reported as such."""
     if models_["teacher"] is None or args.distill == "none":
         return None
     with torch.no_grad(), accelerator.autocast():
-        return models.segmentation_logits(models_["teacher"], models_["teacher_adapter"](pixel_values))
+        logits = models.segmentation_logits(models_["teacher"], models_["teacher_adapter"](pixel_values))
+    if not models_["teacher_logits_checked"]:
+        models_["teacher_logits_checked"] = True
+        if not torch.isfinite(logits).all():
+            hint = "; try --mixed_precision bf16 or no" if accelerator.mixed_precision == "fp16" else ""
+            raise FloatingPointError(f"the teacher {args.teacher_model_name_or_path} gives NaN/Inf logits on the "
+                                     f"first training batch: its weights are finite, its activations overflow{hint}")
+    return logits
 
 
 def optimizer_step(args: argparse.Namespace, accelerator: Accelerator, student, optimizer, step: int,
@@ -503,7 +568,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     student, teacher = nets["student"], nets["teacher"]
 
     # Preprocessing, data loaders and optimizer
-    loaders = build_dataloaders(args, train_hf, eval_hf, info, nets["mean"], nets["std"], accelerator)
+    loaders = build_dataloaders(args, train_hf, eval_hf, info, nets["mean"], nets["std"], accelerator,
+                                nets["min_side"])
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
 
     # Prepare everything with our accelerator

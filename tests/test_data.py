@@ -488,3 +488,11 @@ def test_eval_collate_pads_images_and_labels():
     assert batch["image_sizes"].tolist() == [[4, 6], [5, 3]] and batch["label_sizes"].tolist() == [[8, 12], [10, 6]]
     assert batch["pixel_values"][1, :, :, 3:].abs().sum() == 0 and batch["labels"][0, 8:].eq(99).all()
     assert batch["labels"][1, :, 6:].eq(99).all() and int(batch["num_skipped"]) == 0
+
+
+def test_eval_collate_pads_images_below_the_models_smallest_input():
+    samples = [{"pixel_values": torch.ones(3, 1, 2), "labels": torch.zeros(1, 2, dtype=torch.long), "ignore_index": 99,
+                "min_size": 29}]
+    batch = data.eval_collate(samples)
+    assert batch["pixel_values"].shape == (1, 3, 29, 29) and batch["pixel_values"].sum() == 3 * 2  # zeros around
+    assert batch["image_sizes"].tolist() == [[1, 2]] and batch["labels"].shape == (1, 1, 2)  # true sizes kept

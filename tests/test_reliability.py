@@ -240,10 +240,15 @@ def folders(tmp_path_factory) -> dict:
     f["empty_eval"] = write_dataset(root / "empty_eval", {"train": [sample(rng, f"t{i}") for i in range(4)],
                                                           "validation": []})
 
+    f["tiny_eval_image"] = plain_dataset(root / "tiny_eval_image", **{"validation_0": {"h": 1, "w": 1}})
+    # 20 validation rows: the pre-flight check decodes 8 (0, 3, 5, 8, 11, 14, 16, 19); row 13 is met in evaluation.
+    f["label37_eval_late"] = plain_dataset(root / "label37_eval_late", n_eval=20,
+                                           **{"validation_13": {"label_value": 37}})
+
     synthetic = data.DATASET_PRESETS["synthetic"].id2label
     processor = models.load_image_processor(TINY)
     for name, id2label in (("teacher_5", {i: f"c{i}" for i in range(5)}), ("nan_model", synthetic),
-                           ("remote_code", synthetic)):
+                           ("remote_code", synthetic), ("overflow_model", synthetic)):
         folder = root / name
         models.load_student(TINY, id2label).save_pretrained(folder)
         processor.save_pretrained(folder)
@@ -251,6 +256,11 @@ def folders(tmp_path_factory) -> dict:
     weights = load_file(str(root / "nan_model" / "model.safetensors"))
     save_file({k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in weights.items()},
               str(root / "nan_model" / "model.safetensors"), metadata={"format": "pt"})
+    # Finite weights whose logits overflow float32: a classifier of weights and biases 3e38.
+    weights = load_file(str(root / "overflow_model" / "model.safetensors"))
+    weights = {k: torch.full_like(v, 3e38) if k.startswith("decode_head.classifier.") else v
+               for k, v in weights.items()}
+    save_file(weights, str(root / "overflow_model" / "model.safetensors"), metadata={"format": "pt"})
     # A model folder that ships custom code: loading it with trust_remote_code would run evil.py.
     marker = root / "remote_code" / "REMOTE_CODE_RAN"
     (root / "remote_code" / "evil.py").write_text(
@@ -260,7 +270,7 @@ def folders(tmp_path_factory) -> dict:
     config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForSemanticSegmentation": "evil.EvilModel"}
     (root / "remote_code" / "config.json").write_text(json.dumps(config))
     f["remote_code_marker"] = marker
-    f.update({name: root / name for name in ("teacher_5", "nan_model", "remote_code")})
+    f.update({name: root / name for name in ("teacher_5", "nan_model", "remote_code", "overflow_model")})
     return f
 
 
@@ -336,6 +346,66 @@ def test_every_sample_is_checked_on_cpu_when_decoded_evaluation_included(folders
         ds[3]
 
 
+# Every setting, checked before anything runs (issue 10): a NaN weight, a clip norm that ascends the gradient, a
+# crop or evaluation size the models cannot take, a push that would fail after training, a token pasted as an id.
+NO_HUB = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}  # "online", but nothing leaves the machine
+BAD_SETTINGS = {
+    # id: (args builder (folders, out) -> list, fragments the error line must hold, extra environment or None)
+    "max_grad_norm_negative": (lambda f, out: base_args(out, max_grad_norm=-1),
+                               ["--max_grad_norm must be a finite number > 0; got -1.0"], None),
+    "max_grad_norm_zero": (lambda f, out: base_args(out, max_grad_norm=0), ["--max_grad_norm", "got 0.0"], None),
+    "lambda_kd_nan": (lambda f, out: base_args(out, "kd", lambda_kd="nan"),
+                      ["--lambda_kd must be a finite number >= 0; got nan"], None),
+    "lambda_ics_negative": (lambda f, out: base_args(out, "icsd", lambda_ics=-1), ["--lambda_ics", ">= 0"], None),
+    "lambda_cwd_inf": (lambda f, out: base_args(out, "cwd", lambda_cwd="inf"), ["--lambda_cwd", "got inf"], None),
+    "temperature_inf": (lambda f, out: base_args(out, "kd", temperature="inf"),
+                        ["--temperature must be a finite number > 0; got inf"], None),
+    "learning_rate_zero": (lambda f, out: base_args(out, learning_rate=0), ["--learning_rate", "> 0"], None),
+    "learning_rate_nan": (lambda f, out: base_args(out, learning_rate="nan"), ["--learning_rate", "got nan"], None),
+    "weight_decay_negative": (lambda f, out: base_args(out, weight_decay=-0.1), ["--weight_decay", ">= 0"], None),
+    "seed_negative": (lambda f, out: base_args(out, seed=-1), ["--seed must be in [0, 2**32); got -1"], None),
+    "eval_short_side_zero": (lambda f, out: base_args(out, eval_short_side=0), ["--eval_short_side must be >= 1"],
+                             None),
+    "num_workers_negative": (lambda f, out: base_args(out, dataloader_num_workers=-1),
+                             ["--dataloader_num_workers must be >= 0"], None),
+    "crop_below_student": (lambda f, out: base_args(out, crop_size=16),
+                           ["training crop 16x16", "student", "config:segformer-tiny", "at least 29 px"], None),
+    "crop_below_teacher": (lambda f, out: base_args(out, "kd", crop_size=16,
+                                                    student_model_name_or_path="config:deeplabv3-mobilenetv2"),
+                           ["training crop 16x16", "teacher", "at least 29 px"], None),
+    "eval_short_side_below_student": (lambda f, out: base_args(out, eval_short_side=16),
+                                      ["--eval_short_side 16", "student", "at least 29 px"], None),
+    "nan_teacher": (lambda f, out: base_args(out, "kd", teacher_model_name_or_path=f["nan_model"]),
+                    ["--teacher_model_name_or_path", "the teacher's weights hold NaN/Inf"], None),
+    "nan_student": (lambda f, out: base_args(out, student_model_name_or_path=f["nan_model"],
+                                             skip_nonfinite_steps=True),
+                    ["--student_model_name_or_path", "the student's weights hold NaN/Inf"], None),
+    "hub_model_id_invalid": (lambda f, out: base_args(out, hub_model_id="my model!"),
+                             ["--hub_model_id is not a valid repo id", "'my model!'"], None),
+    "hub_model_id_holds_a_token": (lambda f, out: base_args(out, hub_model_id=FAKE_TOKEN),
+                                   ["--hub_model_id holds what looks like a Hub access token (not shown)"], None),
+    "push_offline": (lambda f, out: base_args(out, push_to_hub=True), ["--push_to_hub", "HF_HUB_OFFLINE=1"], None),
+    "push_without_token": (lambda f, out: base_args(out, push_to_hub=True),
+                           ["--push_to_hub", "no Hub token", "hf auth login"], {**NO_HUB, "HF_HOME": "{tmp}/hf"}),
+    "push_hub_unreachable": (lambda f, out: base_args(out, push_to_hub=True),
+                             ["--push_to_hub", "cannot reach http://127.0.0.1:9"], {**NO_HUB, "HF_TOKEN": FAKE_TOKEN}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SETTINGS))
+def test_bad_setting_fails_with_one_line_before_training(folders, tmp_path, case):
+    build, fragments, extra_env = BAD_SETTINGS[case]
+    out = tmp_path / "out"
+    env = dict(ENV, **{k: v.format(tmp=tmp_path) for k, v in (extra_env or {}).items()})
+    proc = run(script_cmd(build(folders, out)), timeout=90, env=env)
+    assert_one_line_error(proc, *fragments)
+    assert "*****" not in proc.stderr  # training never started
+    assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
+    assert FAKE_TOKEN not in proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Images of every kind, and corrupt files skipped on request
 # ---------------------------------------------------------------------------------------------------------
 # Images of every kind, and corrupt files skipped on request
 # ---------------------------------------------------------------------------------------------------------
@@ -422,6 +492,28 @@ def test_all_ignore_dataset_trains_with_zero_losses(folders, tmp_path):
         assert set(terms) >= {"train/loss", "train/ce", "train/ics", "train/kd", "train/raw_kd"}
         assert all(v == 0.0 for v in terms.values()), line
     assert results(out)["eval_mean_iou"] is None and all_finite(out)  # no valid pixel: no IoU, not NaN
+
+
+def test_a_teacher_whose_logits_overflow_is_named_not_the_learning_rate(folders, tmp_path):
+    # Finite weights, overflowing logits: the first batch's teacher logits are checked once.
+    out = tmp_path / "out"
+    proc = run(script_cmd(base_args(out, "kd", teacher_model_name_or_path=folders["overflow_model"],
+                                    skip_nonfinite_steps=True)))
+    assert_one_line_error(proc, f"the teacher {folders['overflow_model']} gives NaN/Inf logits on the first "
+                                "training batch", "its weights are finite")
+    assert "lower --learning_rate" not in proc.stderr and "skipping the update" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The final evaluation cannot lose the training
+# ---------------------------------------------------------------------------------------------------------
+def test_a_validation_image_smaller_than_the_model_takes_is_padded_and_evaluated(folders, tmp_path):
+    # A 1x1 validation image, evaluated alone (batch 1): SegFormer needs 29 px. It is padded (its prediction is
+    # cut back to 1x1), not a crash after training.
+    out = tmp_path / "out"
+    run_ok(script_cmd(local_args(folders["tiny_eval_image"], out, per_device_eval_batch_size=1)))
+    res = results(out)
+    assert res["train_steps"] == 2 and res["eval_skipped_samples"] == 0 and res["eval_overall_accuracy"] is not None
 
 
 # ---------------------------------------------------------------------------------------------------------

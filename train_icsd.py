@@ -270,14 +270,18 @@ def evaluate(
     ignore_index: int,
     adapter: Callable,
     desc: str = "eval",
-) -> tuple[torch.Tensor, int]:
+) -> tuple[torch.Tensor | None, int]:
     """Confusion matrix (C, C) of ``model`` over the eval set and the number of samples skipped as undecodable
-    (``--skip_bad_samples``), both summed over processes (each evaluates its own share)."""
+    (``--skip_bad_samples``), both summed over processes (each evaluates its own share). The matrix is None
+    when a process was asked to stop (SIGTERM, or its launcher died): each stops within one batch."""
     was_training = model.training
     model.eval()
     cm = torch.zeros(num_labels, num_labels, dtype=torch.long, device=accelerator.device)
-    skipped = 0
+    skipped, stopped = 0, False
     for batch in tqdm(dataloader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
+        if utils.stop_requested():  # shards differ in length: processes agree after the loop, not per batch
+            stopped = True
+            break
         skipped += int(batch.pop("num_skipped"))
         if batch["pixel_values"].shape[0] == 0:  # every sample of the batch was skipped
             continue
@@ -289,7 +293,10 @@ def evaluate(
             lh, lw = batch["label_sizes"][b].tolist()
             cm += utils.confusion_matrix(pred, batch["labels"][b, :lh, :lw], num_labels, ignore_index)
     model.train(was_training)
-    skipped = int(accelerator.reduce(torch.tensor(skipped, device=accelerator.device), reduction="sum"))
+    skipped, stopped = (int(v) for v in accelerator.reduce(torch.tensor([skipped, int(stopped)],
+                                                                         device=accelerator.device), reduction="sum"))
+    if stopped:
+        return None, skipped
     if skipped:
         logger.warning(f"{desc}: {skipped} undecodable evaluation samples were skipped")
     return accelerator.reduce(cm, reduction="sum"), skipped
@@ -498,23 +505,37 @@ def optimizer_step(args: argparse.Namespace, accelerator: Accelerator, student, 
     optimizer.step()
 
 
-def eval_student(accelerator, student, eval_dataloader, info, models_, step: int, log) -> None:
-    """A mid-training evaluation, logged as ``eval/*``; the student goes back to training mode."""
+def eval_student(accelerator, student, eval_dataloader, info, models_, step: int, log) -> bool:
+    """A mid-training evaluation, logged as ``eval/*``; the student goes back to training mode. Returns whether
+    it was stopped (SIGTERM) before the end, then nothing is logged."""
     cm, _ = evaluate(accelerator, accelerator.unwrap_model(student), eval_dataloader, info.num_labels,
                      info.ignore_index, models_["student_adapter"])
+    student.train()
+    if cm is None:
+        return True
     m = utils.metrics_from_confusion(cm)
     logger.info(f"step {step}: mIoU {m['mean_iou']}, pixel acc {m['overall_accuracy']}")
     log({f"eval/{k}": v for k, v in m.items() if not k.startswith("per_")}, step)
-    student.train()
+    return False
 
 
-def save_export(args, accelerator, student, nets: dict, loaders, eval_hf, info, results: dict) -> None:
-    """The student for ``from_pretrained`` and the Hub: weights and config, then (utils_hub.py) pictures, an image
-    processor that prepares images as evaluation did, ``all_results.json`` and the model card; then the push."""
+def save_model(args, accelerator, student, nets: dict) -> None:
+    """The trained student for ``from_pretrained``: weights, config and an image processor that prepares images
+    as evaluation does. Saved before the final evaluation, which then measures exactly this model."""
+    utils.check_finite_model(student, "the final model")
+    accelerator.wait_for_everyone()
+    accelerator.unwrap_model(student).save_pretrained(
+        args.output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+        state_dict=accelerator.get_state_dict(student))
+    if accelerator.is_main_process:
+        utils_hub.evaluation_processor(nets["processor"], args.eval_short_side).save_pretrained(args.output_dir)
+    accelerator.wait_for_everyone()
+
+
+def save_card(args, accelerator, student, nets: dict, loaders, eval_hf, info, results: dict) -> None:
+    """Next to the saved model (utils_hub.py): pictures, ``all_results.json`` and the model card; then the push."""
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(student)
-    unwrapped.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process,
-                              save_function=accelerator.save, state_dict=accelerator.get_state_dict(student))
     # Every process draws the pictures' predictions (as in evaluate, the student may be sharded); the main
     # process writes.
     roles = {"student": (unwrapped, nets["student_adapter"])}
@@ -583,8 +604,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.eval_teacher and teacher is not None:
         cm, _ = evaluate(accelerator, teacher, loaders.eval, info.num_labels, info.ignore_index,
                          nets["teacher_adapter"], "eval teacher")
-        results.update({f"teacher_eval_{k}": v for k, v in utils.metrics_from_confusion(cm).items()})
-        logger.info(f"teacher mIoU {results['teacher_eval_mean_iou']}")
+        if cm is not None:  # None: stopped by SIGTERM, and so is training, at its first step
+            results.update({f"teacher_eval_{k}": v for k, v in utils.metrics_from_confusion(cm).items()})
+            logger.info(f"teacher mIoU {results['teacher_eval_mean_iou']}")
 
     # Resume
     resume_from = utils.resolve_resume(args.resume_from_checkpoint, args.output_dir)
@@ -649,7 +671,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 progress.set_postfix({k[6:]: f"{logs[k]:.4f}" for k in ("train/loss", "train/alpha") if k in logs})
                 log(logs, step)
             if args.eval_steps and step % args.eval_steps == 0 and not last:
-                eval_student(accelerator, student, loaders.eval, info, nets, step, log)
+                outcome.stop |= eval_student(accelerator, student, loaders.eval, info, nets, step, log)  # SIGTERM
             stop_reason = "SIGTERM" if outcome.stop else None
             if (plan.checkpoint_every and step % plan.checkpoint_every == 0) or stop_reason:
                 path = utils.save_checkpoint(accelerator, student, args.output_dir, state.to_json(**run_info),
@@ -658,16 +680,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if stop_reason or last:
                 break
     progress.close()
+
+    # Save, then evaluate: the metrics are those of the saved model, and a failed evaluation keeps it
+    if not stop_reason:
+        save_model(args, accelerator, student, nets)
+        with utils.report_saved_model(args.output_dir):
+            cm, eval_skipped = evaluate(accelerator, accelerator.unwrap_model(student), loaders.eval,
+                                        info.num_labels, info.ignore_index, nets["student_adapter"])
+        if cm is None:  # SIGTERM: with a checkpoint of this step, a resume evaluates and finishes
+            stop_reason = "SIGTERM during the final evaluation"
+            utils.save_checkpoint(accelerator, student, args.output_dir, state.to_json(**run_info),
+                                  args.checkpoints_total_limit)
     if stop_reason:
         logger.warning(f"{stop_reason}: checkpoint saved at step {state.completed_steps}; resume with "
                        f"--resume_from_checkpoint latest")
         accelerator.end_training()
         return {"stopped": stop_reason, "train_steps": state.completed_steps}
-    utils.check_finite_model(student, "the final model")
-
-    # Evaluate
-    cm, eval_skipped = evaluate(accelerator, accelerator.unwrap_model(student), loaders.eval, info.num_labels,
-                                info.ignore_index, nets["student_adapter"])
     results.update({f"eval_{k}": v for k, v in utils.metrics_from_confusion(cm).items()})
     results.update(train_steps=state.completed_steps, train_runtime_s=round(time.time() - started, 2),
                    skipped_steps=state.skipped_steps, skipped_samples=state.skipped_samples,
@@ -679,15 +707,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     log({f"eval/{k[5:]}": v for k, v in results.items() if k.startswith("eval_") and isinstance(v, float)},
         state.completed_steps)
 
-    # Save (and push)
-    save_export(args, accelerator, student, nets, loaders, eval_hf, info, results)
+    # Pictures, results and model card (and push)
+    with utils.report_saved_model(args.output_dir):
+        save_card(args, accelerator, student, nets, loaders, eval_hf, info, results)
     accelerator.end_training()
     return results
 
 
 def cli() -> int:
     """``python train_icsd.py ...``: the user's mistakes end as one line on stderr with exit status 2."""
-    user_errors = (UsageError, data.DataError, models.ModelSourceError, models.ClassMismatchError, FloatingPointError)
+    user_errors = (UsageError, data.DataError, models.ModelSourceError, models.ClassMismatchError, FloatingPointError,
+                   utils.AfterTrainingError)
     return utils.run_cli(main, user_errors, "train_icsd.py")
 
 

@@ -53,6 +53,22 @@ class UsageError(ValueError):
     """A problem with the user's input, reported as one line before any training step."""
 
 
+class AfterTrainingError(RuntimeError):
+    """A failure after the trained model was saved (final evaluation, pictures, card, push): one line that says
+    where the model is."""
+
+
+@contextmanager
+def report_saved_model(output_dir: str) -> Iterator[None]:
+    """Turn any failure inside into an :class:`AfterTrainingError` whose one line says the model is saved."""
+    try:
+        yield
+    except Exception as err:
+        raise AfterTrainingError(
+            f"after training, the final evaluation or export failed ({type(err).__name__}: {one_line(err)}); "
+            f"the trained model is saved in {output_dir} (from_pretrained loads it)") from err
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Data order and learning-rate schedule: pure functions of counters, so a resumed run is exact
 # ---------------------------------------------------------------------------------------------------------

@@ -516,6 +516,19 @@ def test_a_validation_image_smaller_than_the_model_takes_is_padded_and_evaluated
     assert res["train_steps"] == 2 and res["eval_skipped_samples"] == 0 and res["eval_overall_accuracy"] is not None
 
 
+def test_a_failed_final_evaluation_keeps_the_trained_model_and_says_so(folders, tmp_path):
+    # Validation row 13 holds label 37; the pre-flight sample misses it, the final evaluation meets it. The
+    # trained model was saved before the evaluation: it loads, and the error line says where it is.
+    out = tmp_path / "out"
+    proc = run(script_cmd(local_args(folders["label37_eval_late"], out, steps=3)))
+    assert_one_line_error(proc, "the final evaluation or export failed", "validation row 13", "label values [37]",
+                          f"the trained model is saved in {out}")
+    assert "*****" in proc.stderr and not (out / "all_results.json").exists()
+    model = models.load_student(str(out), {i: name for i, name in enumerate(CLASSES)})
+    assert utils_training.first_nonfinite(model) is None and all_finite(out)
+    assert (out / "preprocessor_config.json").is_file()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Interruption: kill -9, SIGTERM, half-written checkpoints
 # ---------------------------------------------------------------------------------------------------------
@@ -662,6 +675,53 @@ def test_sigterm_to_the_multi_process_accelerate_launcher(tmp_path):
     assert len(re.findall(r"SIGTERM: checkpoint saved at step \d+", text)) == 1, text[-3000:]
     assert len(checkpoint_names(out)) == 1
     assert 'train_icsd.py", line' not in text  # the only traceback is the launcher's
+
+
+def long_eval_args(out: Path, **extra) -> list:
+    # 32 validation scenes of 256x256 one at a time: an evaluation of ~5 s on a CPU, ~0.15 s a batch.
+    return base_args(out, dataset_config_name="256x256", max_eval_samples=32, per_device_eval_batch_size=1,
+                     num_pictures=0, log_file=out / "log.jsonl", **extra)
+
+
+def sigterm_once_evaluating(cmd: list, log: Path) -> None:
+    """Run ``cmd``, send SIGTERM to its process group once an evaluation is under way; expect exit 0."""
+    proc = start(cmd, log)
+    try:
+        wait_for(lambda: "eval:" in log.read_text(), proc, "an evaluation to start")
+        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        if group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_sigterm_during_an_evaluation_stops_it_and_checkpoints(tmp_path):
+    # The evaluation at step 2 is cut short within a batch: a checkpoint of step 2, exit 0, nothing logged for it.
+    out = tmp_path / "out"
+    out.mkdir()
+    sigterm_once_evaluating(script_cmd(long_eval_args(out, steps=6, eval_steps=2)), tmp_path / "run.log")
+    text = (tmp_path / "run.log").read_text()
+    assert "SIGTERM: checkpoint saved at step 2; resume with --resume_from_checkpoint latest" in text, text[-3000:]
+    assert checkpoint_names(out) == ["step_00000002"] and last_step(out) == 2
+    assert not [line for line in logged(out) if "eval/mean_iou" in line]  # the evaluation never finished
+    assert "step 2: mIoU" not in text and not (out / "model.safetensors").exists()
+
+
+def test_sigterm_during_the_final_evaluation_keeps_the_model_and_a_resume_finishes(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    args = long_eval_args(out, steps=2)
+    sigterm_once_evaluating(script_cmd(args), tmp_path / "run.log")
+    text = (tmp_path / "run.log").read_text()
+    assert "SIGTERM during the final evaluation: checkpoint saved at step 2" in text, text[-3000:]
+    # The trained model was saved before the evaluation; a checkpoint of the last step lets a resume finish.
+    assert all_finite(out) and not (out / "all_results.json").exists()
+    assert checkpoint_names(out) == ["step_00000002"]
+    shutil.copytree(out, tmp_path / "saved", ignore=shutil.ignore_patterns("checkpoints"))
+    proc = run_ok(script_cmd(args + ["--resume_from_checkpoint", "latest"]))
+    assert _resumed_at(proc.stderr) == 2 and results(out)["train_steps"] == 2  # nothing trained again
+    assert (out / "README.md").is_file() and same_weights(out, tmp_path / "saved")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -114,6 +114,8 @@ def test_run_cli_prints_one_line_and_returns_2(capsys):
     wrapped = RuntimeError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
                            "last):\n  File ...\ndata.DataError: row 3: bad label")
     assert utils.one_line(wrapped) == "row 3: bad label"
+
+
 def test_buffer_snapshot_gives_a_skipped_step_its_batchnorm_statistics_back():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -147,3 +149,11 @@ def test_finite_model_check_covers_buffers(tmp_path):
         utils.save_checkpoint(acc, model, str(tmp_path), utils.TrainState().to_json(), None)
 
 
+def test_a_failure_after_the_model_is_saved_says_where_the_model_is():
+    with pytest.raises(utils.AfterTrainingError) as caught:
+        with utils.report_saved_model("runs/x"):
+            raise RuntimeError("out of memory\nwhile evaluating")
+    assert str(caught.value) == ("after training, the final evaluation or export failed (RuntimeError: out of memory "
+                                 "while evaluating); the trained model is saved in runs/x (from_pretrained loads it)")
+    with utils.report_saved_model("runs/x"):  # no failure: nothing happens
+        pass

@@ -3,14 +3,16 @@
 What is here, in the order the script meets it:
 
 * :class:`UsageError` and :func:`run_cli`: user mistakes end as one line on stderr with exit status 2;
+  :func:`report_saved_model`: a failure after the trained model is saved says where it is, in one line;
 * :class:`EpochShuffleSampler` and :func:`lr_factor`: data order and learning rate as pure functions of
   counters, which is what makes a resumed run exact;
-* :func:`install_stop_handlers` / :func:`stop_requested`: SIGTERM (preemption, or the launcher dying) asks
-  for a checkpoint and a clean exit at the next optimizer step;
+* :func:`install_stop_handlers` / :func:`stop_requested`: SIGTERM (preemption) or the launcher's death asks
+  for a checkpoint and a clean exit at the next optimizer step (or evaluation batch);
 * :class:`LossTracker`: the loss terms of each micro-batch kept on the device, non-finite flags included,
   with one small all-reduce per optimizer step so that every process takes the same decision;
+  :class:`BufferSnapshot`: a skipped step leaves the BatchNorm statistics as they were;
 * :class:`TrainState`, :func:`save_checkpoint`, :func:`resolve_resume`, :func:`load_checkpoint`: atomic
-  checkpoints, rotation and resume;
+  checkpoints, rotation and resume; :func:`check_finite_model`: a NaN/Inf parameter or buffer is never saved;
 * :class:`MetricLogger`: trackers and the ``--log_file`` JSON lines;
 * :func:`confusion_matrix` / :func:`metrics_from_confusion`: the evaluation metrics.
 
@@ -113,7 +115,7 @@ def lr_factor(step: int, total: int, kind: str, warmup: int = 0, power: float = 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Stop requests: SIGTERM (preemption) asks for a checkpoint and a clean exit at the next step boundary
+# Stop requests: SIGTERM (preemption) or the launcher's death asks for a checkpoint and a clean exit
 # ---------------------------------------------------------------------------------------------------------
 _STOP_REQUESTED = False
 
@@ -124,14 +126,14 @@ def _on_sigterm(signum, frame) -> None:  # noqa: ARG001
 
 
 def stop_requested() -> bool:
-    """Whether this process has been asked to stop (SIGTERM, or its single-process launcher died)."""
+    """Whether this process has been asked to stop (SIGTERM, or its launcher died)."""
     return _STOP_REQUESTED
 
 
 def install_stop_handlers() -> None:
-    """Turn SIGTERM into a stop request, follow the launcher's death, and never hang at exit on workers."""
+    """Turn SIGTERM and the launcher's death into a stop request, and never hang at exit on workers."""
     signal.signal(signal.SIGTERM, _on_sigterm)
-    _follow_launcher_sigterm()
+    _follow_launcher()
     atexit.register(kill_dataloader_workers)  # registered after multiprocessing's atexit handler: runs before it
 
 
@@ -156,28 +158,47 @@ def kill_dataloader_workers() -> None:
             child.join()
 
 
-def _follow_launcher_sigterm() -> None:
-    """Under a single-process ``accelerate launch``, receive SIGTERM when the launcher dies.
+LAUNCHER_GRACE_S = 30.0  # after the launcher's death: time to save a checkpoint before the process ends itself
+_POLL_S = 0.5
 
-    That launcher waits on this process but does not forward SIGTERM to it (torchrun, which Accelerate uses
-    for several processes, does): without this, a SIGTERM sent to the launcher alone would leave this
-    process training on as an orphan instead of saving a checkpoint. Linux only (prctl PR_SET_PDEATHSIG).
+
+def _follow_launcher() -> None:
+    """Under a launcher (``accelerate launch``, torchrun), ask for a stop when the launcher dies.
+
+    torchrun (which ``accelerate launch`` runs for several processes) starts every rank in a session of its own,
+    and the single-process ``accelerate launch`` does not forward SIGTERM: a launcher killed with ``kill -9``, or
+    one whose process group was killed, would leave the ranks training on with PPID 1, writing checkpoints and
+    the export. A daemon thread watches the parent instead (a thread, unlike a signal handler, also runs while
+    the main thread waits in a collective): once the parent is gone it requests a stop, which saves a checkpoint
+    at the next optimizer step (or evaluation batch) as SIGTERM does; a process still alive
+    ``LAUNCHER_GRACE_S`` later (a collective waiting for a rank that died) ends itself, leaving the previous
+    checkpoint. A plain ``python train_icsd.py`` is not watched: its parent is a shell, which may go away
+    under ``nohup``.
     """
-    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" in os.environ:
-        return
     parent = os.getppid()
-    try:
-        parent_argv = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")[:3]
-    except OSError:
-        return
-    if not any(b"accelerate" in arg for arg in parent_argv):  # `accelerate launch`, `-m accelerate.commands.launch`
-        return
-    import ctypes
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun's agent is the parent of each rank
+        try:
+            parent_argv = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")[:3]
+        except OSError:
+            return
+        if not any(b"accelerate" in arg for arg in parent_argv):  # `accelerate launch`, `-m accelerate.commands.launch`
+            return
+    threading.Thread(target=_watch_launcher, args=(parent,), name="launcher-watch", daemon=True).start()
 
-    pr_set_pdeathsig = 1
-    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) == 0:
-        if os.getppid() != parent:  # the launcher died before prctl took effect
-            _on_sigterm(signal.SIGTERM, None)
+
+def _watch_launcher(parent: int) -> None:
+    global _STOP_REQUESTED
+    while os.getppid() == parent:
+        time.sleep(_POLL_S)
+    _STOP_REQUESTED = True
+    print(f"[pid {os.getpid()}] the launcher (pid {parent}) is gone: saving a checkpoint and exiting", file=sys.stderr,
+          flush=True)
+    time.sleep(LAUNCHER_GRACE_S)
+    print(f"[pid {os.getpid()}] still running {LAUNCHER_GRACE_S:.0f} s after the launcher died: exiting now "
+          "(the previous checkpoint is kept)", file=sys.stderr, flush=True)
+    for child in multiprocessing.active_children():  # DataLoader workers: os._exit runs no atexit handler
+        child.kill()
+    os._exit(1)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -722,6 +723,61 @@ def test_sigterm_during_the_final_evaluation_keeps_the_model_and_a_resume_finish
     proc = run_ok(script_cmd(args + ["--resume_from_checkpoint", "latest"]))
     assert _resumed_at(proc.stderr) == 2 and results(out)["train_steps"] == 2  # nothing trained again
     assert (out / "README.md").is_file() and same_weights(out, tmp_path / "saved")
+
+
+def torchrun_cmd(args, nproc: int) -> list:
+    """``torchrun --nproc_per_node N train_icsd.py ARGS`` (on the CPU with ACCELERATE_USE_CPU=1)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(30000 + os.getpid() % 500), str(ROOT / "train_icsd.py"), *map(str, args)]
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (name)": state, ppid, ...
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's reaper may take its time)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+def test_killing_the_launcher_stops_every_rank_within_seconds(tmp_path, launcher):
+    # `setsid accelerate launch --multi_gpu --num_processes 2 ... & kill -KILL -- -$!`: torchrun starts each rank
+    # in a session of its own, so the kill reaches the launcher only; the ranks once trained on with PPID 1.
+    # Each rank now notices its launcher's death, saves one checkpoint with the others and exits.
+    out = tmp_path / "out"
+    out.mkdir()
+    log = tmp_path / "launch.log"
+    args = base_args(out, steps=100_000, max_train_samples=64, log_file=out / "log.jsonl")
+    cmd = launcher_cmd(args, nproc=2) if launcher == "accelerate" else torchrun_cmd(args, 2)
+    proc = start(cmd, log, dict(ENV, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1"))
+    ranks = []
+    try:
+        wait_for(lambda: last_step(out) >= 2, proc, "training to start", timeout=120)
+        ranks = children(proc.pid)
+        assert len(ranks) == 2, ranks
+        os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+        wait_for(lambda: not any(running(pid) for pid in ranks), None, "every rank to exit", timeout=10)
+    finally:
+        for pid in ranks:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+    text = log.read_text()
+    assert text.count(f"the launcher (pid {proc.pid}) is gone") == 2, text[-3000:]
+    assert len(re.findall(r"SIGTERM: checkpoint saved at step \d+", text)) == 1, text[-3000:]
+    assert len(checkpoint_names(out)) == 1 and not (out / "model.safetensors").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1276,15 +1276,17 @@ class SegmentationEvalDataset(_SegmentationSource):
     """Whole images (optionally resized so the short side is ``short_side``), labels at full resolution.
 
     Items: ``{"pixel_values": uint8 (3, h, w) RGB, "labels": (H, W), "ignore_index": int, "pad_rgb":
-    (r, g, b)}``; :func:`eval_collate` pads and batches them.
+    (r, g, b), "min_size": int}``; :func:`eval_collate` pads and batches them, images to at least ``min_size``
+    per side (the smallest input the models run on).
     """
 
     def __init__(self, hf_ds: datasets.Dataset, info: DataInfo, *, pad_mean: Sequence[float],
-                 short_side: int | None = None, skip_bad_samples: bool = False):
+                 short_side: int | None = None, skip_bad_samples: bool = False, min_size: int = 1):
         super().__init__(hf_ds, info, pad_mean, skip_bad_samples)
         if short_side is not None and short_side < 1:
             raise ValueError(f"short_side must be positive, got {short_side}")
         self.short_side = short_side
+        self.min_size = min_size
 
     def __getitem__(self, index: int) -> dict:
         try:
@@ -1303,6 +1305,7 @@ class SegmentationEvalDataset(_SegmentationSource):
             "labels": _resize_nearest(label, tuple(label.shape), table),
             "ignore_index": self.info.ignore_index,
             "pad_rgb": self.pad_rgb,
+            "min_size": self.min_size,
         }
 
 
@@ -1327,10 +1330,12 @@ def build_train_dataset(hf_ds: datasets.Dataset, info: DataInfo, *, crop_size: t
 
 
 def build_eval_dataset(hf_ds: datasets.Dataset, info: DataInfo, *, pad_mean: Sequence[float],
-                       short_side: int | None = None, skip_bad_samples: bool = False) -> SegmentationEvalDataset:
-    """Evaluation pipeline over ``hf_ds`` (see :class:`SegmentationEvalDataset`; ``pad_mean`` as for training)."""
+                       short_side: int | None = None, skip_bad_samples: bool = False,
+                       min_size: int = 1) -> SegmentationEvalDataset:
+    """Evaluation pipeline over ``hf_ds`` (see :class:`SegmentationEvalDataset`; ``pad_mean`` as for training);
+    batches pad images smaller than ``min_size`` px per side up to it."""
     return SegmentationEvalDataset(hf_ds, info, pad_mean=pad_mean, short_side=short_side,
-                                   skip_bad_samples=skip_bad_samples)
+                                   skip_bad_samples=skip_bad_samples, min_size=min_size)
 
 
 def _split_skipped(samples: Sequence[dict]) -> tuple[list[dict], int]:
@@ -1361,7 +1366,8 @@ def eval_collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
     """Pad evaluation samples to the batch's largest image and label.
 
     Images are padded bottom/right with the samples' ``pad_rgb`` (the model's mean colour; 0 for samples
-    without one), labels with their ignore index.
+    without one), labels with their ignore index; images also to the samples' ``min_size`` per side (a 1x1
+    image would make the model fail; predictions are cut back to ``image_sizes``).
 
     Returns:
         ``pixel_values`` (B, 3, H, W) (uint8 from the pipelines), ``labels`` (B, Hl, Wl), ``image_sizes``
@@ -1378,7 +1384,8 @@ def eval_collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
     ignore_index = int(kept[0].get("ignore_index", 255))
     image_sizes = torch.tensor([tuple(s["pixel_values"].shape[1:]) for s in kept], dtype=torch.long)
     label_sizes = torch.tensor([tuple(s["labels"].shape) for s in kept], dtype=torch.long)
-    max_h, max_w = (int(v) for v in image_sizes.max(0).values)
+    min_size = max(int(s.get("min_size", 1)) for s in kept)
+    max_h, max_w = (max(int(v), min_size) for v in image_sizes.max(0).values)
     max_lh, max_lw = (int(v) for v in label_sizes.max(0).values)
     pixel_dtype = kept[0]["pixel_values"].dtype
     fill = torch.tensor(kept[0].get("pad_rgb", (0, 0, 0)), dtype=pixel_dtype).view(1, 3, 1, 1)

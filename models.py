@@ -498,6 +498,47 @@ def segmentation_logits(model: PreTrainedModel, pixel_values: torch.Tensor) -> t
     return logits
 
 
+@torch.no_grad()
+def smallest_input_side(model: nn.Module, limit: int = 1024) -> int:
+    """The smallest side S such that ``model`` runs on a (1, 3, S, S) input, found by dry forward passes.
+
+    Strided convolutions (SegFormer's spatial-reduction convolutions, ConvNeXt's patchify stem) make a model
+    fail below some input size: 29 px for the SegFormer presets, 32 for UperNet-ConvNeXt, 1 for DeepLabV3 with
+    MobileNetV2 or MobileViT. The search runs zeros through the model in eval mode (no statistics change)
+    on its device, about 2 log2(S) passes, and assumes that every size from the minimum up works (true of
+    every preset). The model goes back to its mode.
+
+    Raises:
+        The model's own error when it fails even at ``limit`` px (then size is not the problem).
+    """
+    device = next(model.parameters()).device
+
+    def forward(side: int) -> None:
+        segmentation_logits(model, torch.zeros(1, 3, side, side, device=device))
+
+    def runs(side: int) -> bool:
+        try:
+            forward(side)
+            return True
+        except (RuntimeError, ValueError):
+            return False
+
+    was_training = model.training
+    model.eval()
+    try:
+        fails, side = 0, 1  # invariant: `fails` fails (0 always does); search upwards by doubling
+        while not runs(side):
+            if side >= limit:
+                forward(limit)  # not a size problem: let the model's error through
+            fails, side = side, min(2 * side, limit)
+        while side - fails > 1:
+            mid = (fails + side) // 2
+            fails, side = (fails, mid) if runs(mid) else (mid, side)
+        return side
+    finally:
+        model.train(was_training)
+
+
 # --------------------------------------------------------------------------------------
 # Image processors and input normalization
 # --------------------------------------------------------------------------------------

@@ -198,15 +198,42 @@ def _resolve_defaults(args: argparse.Namespace) -> None:
     for name in ("max_train_steps", "eval_steps", "checkpoints_total_limit", "max_train_samples", "max_eval_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1; got {getattr(args, name)}")
-    if args.num_pictures < 0:
-        raise UsageError(f"--num_pictures must be >= 0; got {args.num_pictures}")
-    if not args.temperature > 0:
-        raise UsageError(f"--temperature must be > 0; got {args.temperature}")
+    for name in ("num_pictures", "dataloader_num_workers", "num_warmup_steps"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name} must be >= 0; got {getattr(args, name)}")
+    if args.eval_short_side is not None and args.eval_short_side < 1:
+        raise UsageError(f"--eval_short_side must be >= 1; got {args.eval_short_side}")
+    if not 0 <= args.seed < 2**32:
+        raise UsageError(f"--seed must be in [0, 2**32); got {args.seed}")
+    _check_real_numbers(args)
     if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
         if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
             raise UsageError(f"--checkpointing_steps takes a positive integer or 'epoch'; got {args.checkpointing_steps!r}")
     if args.push_to_hub and args.hub_model_id is None:
         args.hub_model_id = Path(args.output_dir).resolve().name
+        if problem := utils_hub.repo_id_problem(args.hub_model_id):
+            raise UsageError(f"--hub_model_id defaults to the --output_dir folder's name, which {problem}: pass one")
+    # Before the id reaches a tracker's hparams or the card: a token pasted here would be published.
+    if args.hub_model_id is not None and (problem := utils_hub.repo_id_problem(args.hub_model_id)):
+        raise UsageError(f"--hub_model_id {problem}")
+    if args.push_to_hub:  # now, not after training
+        try:
+            utils_hub.probe_hub_login()
+        except utils_hub.HubProbeError as err:
+            advice = {utils_hub.OFFLINE: ": unset it, or drop --push_to_hub and upload the folder later "
+                                         "(`hf upload`)"}.get(err.kind, "")
+            raise UsageError(f"--push_to_hub needs the Hub, but {err}{advice}") from None
+
+
+def _check_real_numbers(args: argparse.Namespace) -> None:
+    """Float flags: NaN/Inf or a sign that would train silently wrong (a negative --max_grad_norm ascends the
+    gradient, 0 freezes the model; a negative weight flips a loss term) are refused."""
+    rules = {"learning_rate": "> 0", "temperature": "> 0", "max_grad_norm": "> 0", "weight_decay": ">= 0",
+             "lambda_ics": ">= 0", "lambda_kd": ">= 0", "lambda_cwd": ">= 0", "lambda_ickd": ">= 0"}
+    for name, rule in rules.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and (value > 0 if rule == "> 0" else value >= 0)):
+            raise UsageError(f"--{name} must be a finite number {rule}; got {value}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -277,14 +304,18 @@ def evaluate(
     ignore_index: int,
     adapter: Callable,
     desc: str = "eval",
-) -> tuple[torch.Tensor, int]:
+) -> tuple[torch.Tensor | None, int]:
     """Confusion matrix (C, C) of ``model`` over the eval set and the number of samples skipped as undecodable
-    (``--skip_bad_samples``), both summed over processes (each evaluates its own share)."""
+    (``--skip_bad_samples``), both summed over processes (each evaluates its own share). The matrix is None
+    when a process was asked to stop (SIGTERM, or its launcher died): each stops within one batch."""
     was_training = model.training
     model.eval()
     cm = torch.zeros(num_labels, num_labels, dtype=torch.long, device=accelerator.device)
-    skipped = 0
+    skipped, stopped = 0, False
     for batch in tqdm(dataloader, desc=desc, disable=not utils.show_progress_bars(accelerator), leave=False):
+        if utils.stop_requested():  # shards differ in length: processes agree after the loop, not per batch
+            stopped = True
+            break
         skipped += int(batch.pop("num_skipped"))
         if batch["pixel_values"].shape[0] == 0:  # every sample of the batch was skipped
             continue
@@ -296,7 +327,10 @@ def evaluate(
             lh, lw = batch["label_sizes"][b].tolist()
             cm += utils.confusion_matrix(pred, batch["labels"][b, :lh, :lw], num_labels, ignore_index)
     model.train(was_training)
-    skipped = int(accelerator.reduce(torch.tensor(skipped, device=accelerator.device), reduction="sum"))
+    skipped, stopped = (int(v) for v in accelerator.reduce(torch.tensor([skipped, int(stopped)],
+                                                                         device=accelerator.device), reduction="sum"))
+    if stopped:
+        return None, skipped
     if skipped:
         logger.warning(f"{desc}: {skipped} undecodable evaluation samples were skipped")
     return accelerator.reduce(cm, reduction="sum"), skipped
@@ -367,8 +401,10 @@ def load_models(args: argparse.Namespace, info: data.DataInfo, accelerator: Acce
     """Student (trainable) and teacher (frozen, on the device, never wrapped in DDP), with their input adapters.
 
     Returns a dict with ``student``, ``processor`` (the student's image processor), ``student_adapter``,
-    ``teacher`` and ``teacher_adapter`` (both None when the run needs no teacher), and ``mean``: the student's
-    mean colour, which pads images (each adapter normalizes uint8 batches on the device for its own model).
+    ``teacher`` and ``teacher_adapter`` (both None when the run needs no teacher), ``mean`` (the student's
+    mean colour, which pads images: each adapter normalizes uint8 batches on the device for its own model) and
+    ``min_side`` (the smallest input side both run on). Refuses, in one line, weights holding NaN/Inf and a
+    training crop or ``--eval_short_side`` below ``min_side``.
     """
     student = models.load_student(args.student_model_name_or_path, info.id2label, trust_remote_code=args.trust_remote_code)
     processor = models.load_image_processor(args.student_model_name_or_path, trust_remote_code=args.trust_remote_code)
@@ -382,22 +418,48 @@ def load_models(args: argparse.Namespace, info: data.DataInfo, accelerator: Acce
                                                         trust_remote_code=args.trust_remote_code)
         teacher_adapter = models.make_input_adapter(teacher_processor)
         teacher.to(accelerator.device)  # prepare() refuses a model without trainable parameters
+    min_side = check_models(args, info, {"student": student, "teacher": teacher})
     logger.info(f"student {args.student_model_name_or_path}: {models.count_parameters(student) / 1e6:.2f} M parameters"
                 + (f"; teacher {args.teacher_model_name_or_path}: {models.count_parameters(teacher) / 1e6:.2f} M"
                    if teacher is not None else ""))
     return dict(student=student, processor=processor, student_adapter=models.make_input_adapter(processor),
-                teacher=teacher, teacher_adapter=teacher_adapter, mean=mean)
+                teacher=teacher, teacher_adapter=teacher_adapter, mean=mean, min_side=min_side,
+                teacher_logits_checked=False)
+
+
+def check_models(args: argparse.Namespace, info: data.DataInfo, nets: dict) -> int:
+    """Refuse in one line, before training: a model whose weights hold NaN/Inf (every loss would be non-finite,
+    whatever the learning rate), and a training crop or ``--eval_short_side`` smaller than a model runs on
+    (found by dry forward passes). ``nets`` maps "student"/"teacher" to the model, or None. Returns the
+    smallest input side every model runs on: evaluation pads smaller images up to it."""
+    crop, sides = args.crop_size or info.crop_size, [1]
+    for role, model in nets.items():
+        if model is None:
+            continue
+        flag = f"--{role}_model_name_or_path {getattr(args, f'{role}_model_name_or_path')}"
+        if (bad := utils.first_nonfinite(model)) is not None:
+            raise UsageError(f"{flag}: the {role}'s weights hold NaN/Inf (first in {bad}); train it again or "
+                             "load another checkpoint")
+        side = models.smallest_input_side(model)
+        sides.append(side)
+        if min(crop) < side and (role == "student" or args.distill != "none"):
+            raise UsageError(f"the training crop {crop[0]}x{crop[1]} (--crop_size) is smaller than the {role} "
+                             f"({flag}) takes: at least {side} px per side")
+        if args.eval_short_side is not None and args.eval_short_side < side:
+            raise UsageError(f"--eval_short_side {args.eval_short_side} is smaller than the {role} ({flag}) "
+                             f"takes: at least {side} px")
+    return max(sides)
 
 
 def build_dataloaders(args: argparse.Namespace, train_hf, eval_hf, info: data.DataInfo, mean,
-                      accelerator: Accelerator) -> argparse.Namespace:
+                      accelerator: Accelerator, min_side: int = 1) -> argparse.Namespace:
     """``train``: the training loader (a seeded permutation per epoch, deterministic augmentation per sample),
     with its ``sampler`` and ``train_ds`` (both take ``set_epoch``); ``eval``: this process's shard of the
-    evaluation set."""
+    evaluation set, whose images are padded to at least ``min_side`` px per side."""
     train_ds = data.build_train_dataset(train_hf, info, crop_size=args.crop_size or info.crop_size, pad_mean=mean,
                                         seed=args.seed, skip_bad_samples=args.skip_bad_samples)
     eval_ds = data.build_eval_dataset(eval_hf, info, pad_mean=mean, short_side=args.eval_short_side,
-                                      skip_bad_samples=args.skip_bad_samples)
+                                      skip_bad_samples=args.skip_bad_samples, min_size=min_side)
     loader_kwargs = dict(num_workers=args.dataloader_num_workers, worker_init_fn=utils.worker_init,
                          pin_memory=accelerator.device.type == "cuda",
                          generator=torch.Generator().manual_seed(args.seed))
@@ -457,11 +519,21 @@ def epoch_loader(accelerator: Accelerator, loaders: argparse.Namespace, epoch: i
 
 def teacher_logits(models_: dict, args: argparse.Namespace, pixel_values: torch.Tensor,
                    accelerator: Accelerator) -> torch.Tensor | None:
-    """The frozen teacher's logits (B, C, ht, wt), or None when the objective needs no teacher."""
+    """The frozen teacher's logits (B, C, ht, wt), or None when the objective needs no teacher.
+
+    The first batch's are checked (one host sync): non-finite teacher logits are the teacher's fault, not a
+    learning rate's, and are reported as such."""
     if models_["teacher"] is None or args.distill == "none":
         return None
     with torch.no_grad(), accelerator.autocast():
-        return models.segmentation_logits(models_["teacher"], models_["teacher_adapter"](pixel_values))
+        logits = models.segmentation_logits(models_["teacher"], models_["teacher_adapter"](pixel_values))
+    if not models_["teacher_logits_checked"]:
+        models_["teacher_logits_checked"] = True
+        if not torch.isfinite(logits).all():
+            hint = "; try --mixed_precision bf16 or no" if accelerator.mixed_precision == "fp16" else ""
+            raise FloatingPointError(f"the teacher {args.teacher_model_name_or_path} gives NaN/Inf logits on the "
+                                     f"first training batch: its weights are finite, its activations overflow{hint}")
+    return logits
 
 
 def optimizer_step(args: argparse.Namespace, accelerator: Accelerator, student, optimizer, step: int,
@@ -475,23 +547,37 @@ def optimizer_step(args: argparse.Namespace, accelerator: Accelerator, student, 
     optimizer.step()
 
 
-def eval_student(accelerator, student, eval_dataloader, info, models_, step: int, log) -> None:
-    """A mid-training evaluation, logged as ``eval/*``; the student goes back to training mode."""
+def eval_student(accelerator, student, eval_dataloader, info, models_, step: int, log) -> bool:
+    """A mid-training evaluation, logged as ``eval/*``; the student goes back to training mode. Returns whether
+    it was stopped (SIGTERM) before the end, then nothing is logged."""
     cm, _ = evaluate(accelerator, accelerator.unwrap_model(student), eval_dataloader, info.num_labels,
                      info.ignore_index, models_["student_adapter"])
+    student.train()
+    if cm is None:
+        return True
     m = utils.metrics_from_confusion(cm)
     logger.info(f"step {step}: {utils.format_metrics(m)}")
     log({f"eval/{k}": v for k, v in m.items() if not k.startswith("per_")}, step)
-    student.train()
+    return False
 
 
-def save_export(args, accelerator, student, nets: dict, loaders, eval_hf, info, results: dict) -> None:
-    """The student for ``from_pretrained`` and the Hub: weights and config, then (utils_hub.py) pictures, an image
-    processor that prepares images as evaluation did, ``all_results.json`` and the model card; then the push."""
+def save_model(args, accelerator, student, nets: dict) -> None:
+    """The trained student for ``from_pretrained``: weights, config and an image processor that prepares images
+    as evaluation does. Saved before the final evaluation, which then measures exactly this model."""
+    utils.check_finite_model(student, "the final model")
+    accelerator.wait_for_everyone()
+    accelerator.unwrap_model(student).save_pretrained(
+        args.output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+        state_dict=accelerator.get_state_dict(student))
+    if accelerator.is_main_process:
+        utils_hub.evaluation_processor(nets["processor"], args.eval_short_side).save_pretrained(args.output_dir)
+    accelerator.wait_for_everyone()
+
+
+def save_card(args, accelerator, student, nets: dict, loaders, eval_hf, info, results: dict) -> None:
+    """Next to the saved model (utils_hub.py): pictures, ``all_results.json`` and the model card; then the push."""
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(student)
-    unwrapped.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process,
-                              save_function=accelerator.save, state_dict=accelerator.get_state_dict(student))
     # Every process draws the pictures' predictions (as in evaluate, the student may be sharded); the main
     # process writes.
     roles = {"student": (unwrapped, nets["student_adapter"])}
@@ -547,7 +633,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     student, teacher = nets["student"], nets["teacher"]
 
     # Preprocessing, data loaders and optimizer
-    loaders = build_dataloaders(args, train_hf, eval_hf, info, nets["mean"], accelerator)
+    loaders = build_dataloaders(args, train_hf, eval_hf, info, nets["mean"], accelerator, nets["min_side"])
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
 
     # Prepare everything with our accelerator
@@ -561,8 +647,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.eval_teacher and teacher is not None:
         cm, _ = evaluate(accelerator, teacher, loaders.eval, info.num_labels, info.ignore_index,
                          nets["teacher_adapter"], "eval teacher")
-        results.update({f"teacher_eval_{k}": v for k, v in utils.metrics_from_confusion(cm).items()})
-        logger.info(f"teacher: {utils.format_metrics(results, 'teacher_eval_')}")
+        if cm is not None:  # None: stopped by SIGTERM, and so is training, at its first step
+            results.update({f"teacher_eval_{k}": v for k, v in utils.metrics_from_confusion(cm).items()})
+            logger.info(f"teacher: {utils.format_metrics(results, 'teacher_eval_')}")
 
     # Resume
     resume_from = utils.resolve_resume(args.resume_from_checkpoint, args.output_dir)
@@ -575,6 +662,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     progress = tqdm(range(plan.max_train_steps), initial=state.completed_steps,
                     disable=not utils.show_progress_bars(accelerator))
     tracker = utils.LossTracker(["loss", *LOSS_TERMS[args.distill]], accelerator.device)
+    buffers = utils.BufferSnapshot(student, enabled=args.skip_nonfinite_steps)  # a skipped step gives them back
     run_info = dict(max_train_steps=plan.max_train_steps, alw_total=plan.alw_total,
                     alw_granularity=args.alw_granularity, distill=args.distill)
     started, stop_reason = time.time(), None
@@ -589,6 +677,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             state.batches_in_epoch += 1
             tracker.pending_skipped += int(batch.pop("num_skipped", torch.zeros(())).sum())
             alpha = alw_alpha_at(args, plan, epoch, state.completed_steps)
+            buffers.start_step()
             with accelerator.accumulate(student):
                 if batch["pixel_values"].shape[0] == 0:
                     # Every sample was skipped: a zero loss that touches every parameter keeps DDP in step.
@@ -603,6 +692,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 continue
 
             outcome = tracker.end_step(accelerator, utils.stop_requested())
+            buffers.end_step(skipped=outcome.nonfinite_term is not None)
             state.skipped_samples += outcome.skipped_samples
             if outcome.nonfinite_term is None:
                 optimizer_step(args, accelerator, student, optimizer, state.completed_steps, plan.max_train_steps)
@@ -625,7 +715,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 logger.info(utils.format_train_log(step, plan.max_train_steps, logs))
                 log(logs, step)
             if args.eval_steps and step % args.eval_steps == 0 and not last:
-                eval_student(accelerator, student, loaders.eval, info, nets, step, log)
+                outcome.stop |= eval_student(accelerator, student, loaders.eval, info, nets, step, log)  # SIGTERM
             stop_reason = "SIGTERM" if outcome.stop else None
             if (plan.checkpoint_every and step % plan.checkpoint_every == 0) or stop_reason:
                 path = utils.save_checkpoint(accelerator, student, args.output_dir, state.to_json(**run_info),
@@ -634,16 +724,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if stop_reason or last:
                 break
     progress.close()
+
+    # Save, then evaluate: the metrics are those of the saved model, and a failed evaluation keeps it
+    if not stop_reason:
+        save_model(args, accelerator, student, nets)
+        with utils.report_saved_model(args.output_dir):
+            cm, eval_skipped = evaluate(accelerator, accelerator.unwrap_model(student), loaders.eval,
+                                        info.num_labels, info.ignore_index, nets["student_adapter"])
+        if cm is None:  # SIGTERM: with a checkpoint of this step, a resume evaluates and finishes
+            stop_reason = "SIGTERM during the final evaluation"
+            utils.save_checkpoint(accelerator, student, args.output_dir, state.to_json(**run_info),
+                                  args.checkpoints_total_limit)
     if stop_reason:
         logger.warning(f"{stop_reason}: checkpoint saved at step {state.completed_steps}; resume with "
                        f"--resume_from_checkpoint latest")
         accelerator.end_training()
         return {"stopped": stop_reason, "train_steps": state.completed_steps}
-    utils.check_finite_model(student, "the final model")
-
-    # Evaluate
-    cm, eval_skipped = evaluate(accelerator, accelerator.unwrap_model(student), loaders.eval, info.num_labels,
-                                info.ignore_index, nets["student_adapter"])
     results.update({f"eval_{k}": v for k, v in utils.metrics_from_confusion(cm).items()})
     results.update(train_steps=state.completed_steps, train_runtime_s=round(time.time() - started, 2),
                    skipped_steps=state.skipped_steps, skipped_samples=state.skipped_samples,
@@ -654,15 +750,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     log({f"eval/{k[5:]}": v for k, v in results.items() if k.startswith("eval_") and isinstance(v, float)},
         state.completed_steps)
 
-    # Save (and push)
-    save_export(args, accelerator, student, nets, loaders, eval_hf, info, results)
+    # Pictures, results and model card (and push)
+    with utils.report_saved_model(args.output_dir):
+        save_card(args, accelerator, student, nets, loaders, eval_hf, info, results)
     accelerator.end_training()
     return results
 
 
 def cli() -> int:
     """``python train_icsd.py ...``: the user's mistakes end as one line on stderr with exit status 2."""
-    user_errors = (UsageError, data.DataError, models.ModelSourceError, models.ClassMismatchError, FloatingPointError)
+    user_errors = (UsageError, data.DataError, models.ModelSourceError, models.ClassMismatchError, FloatingPointError,
+                   utils.AfterTrainingError)
     return utils.run_cli(main, user_errors, "train_icsd.py")
 
 

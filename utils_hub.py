@@ -82,6 +82,8 @@ NOT_FOUND = "not_found"  # no such repo, or a private one
 NO_REVISION = "no_revision"
 NO_FILE = "no_file"
 NETWORK = "network"  # any other failure: DNS, timeout, proxy, HTTP 5xx
+NO_TOKEN = "no_token"  # probe_hub_login: no token on this machine
+BAD_TOKEN = "bad_token"  # probe_hub_login: the Hub refuses the token, or it may only read
 
 
 class HubProbeError(Exception):
@@ -147,6 +149,52 @@ def probe_hub_repo(repo_id: str, *, repo_type: str = "model", revision: str | No
         raise HubProbeError(BAD_ID, f"not a valid Hub id: {err}") from None
     except Exception as err:  # connection failures surface from several HTTP stacks
         raise HubProbeError(NETWORK, f"{type(err).__name__}: {err}") from None
+
+
+def repo_id_problem(repo_id: str) -> str | None:
+    """Why ``repo_id`` can never name a Hub repo, or None when it can.
+
+    The id reaches trackers (hparams), the model card and error messages: a Hub token pasted in its place is
+    described, never quoted back.
+    """
+    if _TOKEN.search(repo_id):
+        return ("holds what looks like a Hub access token (not shown): pass a repo id such as 'user/name'; the "
+                "token belongs in `hf auth login` or HF_TOKEN")
+    try:
+        huggingface_hub.utils.validate_repo_id(repo_id)
+    except hf_errors.HFValidationError as err:
+        return f"is not a valid repo id ({' '.join(str(err).split())})"
+    return None
+
+
+def probe_hub_login() -> str:
+    """Check with one quick request (no retries) that a Hub token is set and may write; return the user name.
+
+    Raises:
+        HubProbeError: ``OFFLINE`` when ``HF_HUB_OFFLINE=1`` (no request made), ``NO_TOKEN``, ``BAD_TOKEN``
+            (refused, or read-only) or ``NETWORK``. The token itself is never part of the message.
+    """
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise HubProbeError(OFFLINE, "HF_HUB_OFFLINE=1 is set")
+    token = huggingface_hub.get_token()
+    if token is None:
+        raise HubProbeError(NO_TOKEN, "no Hub token on this machine: run `hf auth login` or set HF_TOKEN")
+    try:
+        response = huggingface_hub.utils.get_session().get(
+            f"{huggingface_hub.constants.ENDPOINT}/api/whoami-v2",
+            headers=huggingface_hub.utils.build_hf_headers(token=token), timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as err:  # connection failures surface from several HTTP stacks
+        raise HubProbeError(NETWORK, f"cannot reach {huggingface_hub.constants.ENDPOINT} "
+                                     f"({type(err).__name__})") from None
+    if response.status_code == 401:
+        raise HubProbeError(BAD_TOKEN, "the Hub refuses the token (HTTP 401): run `hf auth login --force` or "
+                                       "set HF_TOKEN") from None
+    if response.status_code >= 400:
+        raise HubProbeError(NETWORK, f"{huggingface_hub.constants.ENDPOINT} answered HTTP {response.status_code}")
+    facts = response.json()
+    if facts.get("auth", {}).get("accessToken", {}).get("role") == "read":
+        raise HubProbeError(BAD_TOKEN, "the token may only read: create one with write access")
+    return str(facts.get("name", ""))
 
 
 # ---------------------------------------------------------------------------------------------------------

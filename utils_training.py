@@ -3,14 +3,16 @@
 What is here, in the order the script meets it:
 
 * :class:`UsageError` and :func:`run_cli`: user mistakes end as one line on stderr with exit status 2;
+  :func:`report_saved_model`: a failure after the trained model is saved says where it is, in one line;
 * :class:`EpochShuffleSampler` and :func:`lr_factor`: data order and learning rate as pure functions of
   counters, which is what makes a resumed run exact;
-* :func:`install_stop_handlers` / :func:`stop_requested`: SIGTERM (preemption, or the launcher dying) asks
-  for a checkpoint and a clean exit at the next optimizer step;
+* :func:`install_stop_handlers` / :func:`stop_requested`: SIGTERM (preemption) or the launcher's death asks
+  for a checkpoint and a clean exit at the next optimizer step (or evaluation batch);
 * :class:`LossTracker`: the loss terms of each micro-batch kept on the device, non-finite flags included,
   with one small all-reduce per optimizer step so that every process takes the same decision;
+  :class:`BufferSnapshot`: a skipped step leaves the BatchNorm statistics as they were;
 * :class:`TrainState`, :func:`save_checkpoint`, :func:`resolve_resume`, :func:`load_checkpoint`: atomic
-  checkpoints, rotation and resume;
+  checkpoints, rotation and resume; :func:`check_finite_model`: a NaN/Inf parameter or buffer is never saved;
 * :class:`MetricLogger`: trackers and the ``--log_file`` JSON lines;
 * :func:`confusion_matrix` / :func:`metrics_from_confusion`: the evaluation metrics.
 
@@ -30,8 +32,11 @@ import re
 import shutil
 import signal
 import sys
+import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,6 +54,22 @@ STATE_FILE = "training_state.json"
 
 class UsageError(ValueError):
     """A problem with the user's input, reported as one line before any training step."""
+
+
+class AfterTrainingError(RuntimeError):
+    """A failure after the trained model was saved (final evaluation, pictures, card, push): one line that says
+    where the model is."""
+
+
+@contextmanager
+def report_saved_model(output_dir: str) -> Iterator[None]:
+    """Turn any failure inside into an :class:`AfterTrainingError` whose one line says the model is saved."""
+    try:
+        yield
+    except Exception as err:
+        raise AfterTrainingError(
+            f"after training, the final evaluation or export failed ({type(err).__name__}: {one_line(err)}); "
+            f"the trained model is saved in {output_dir} (from_pretrained loads it)") from err
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -95,7 +116,7 @@ def lr_factor(step: int, total: int, kind: str, warmup: int = 0, power: float = 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Stop requests: SIGTERM (preemption) asks for a checkpoint and a clean exit at the next step boundary
+# Stop requests: SIGTERM (preemption) or the launcher's death asks for a checkpoint and a clean exit
 # ---------------------------------------------------------------------------------------------------------
 _STOP_REQUESTED = False
 
@@ -106,14 +127,14 @@ def _on_sigterm(signum, frame) -> None:  # noqa: ARG001
 
 
 def stop_requested() -> bool:
-    """Whether this process has been asked to stop (SIGTERM, or its single-process launcher died)."""
+    """Whether this process has been asked to stop (SIGTERM, or its launcher died)."""
     return _STOP_REQUESTED
 
 
 def install_stop_handlers() -> None:
-    """Turn SIGTERM into a stop request, follow the launcher's death, and never hang at exit on workers."""
+    """Turn SIGTERM and the launcher's death into a stop request, and never hang at exit on workers."""
     signal.signal(signal.SIGTERM, _on_sigterm)
-    _follow_launcher_sigterm()
+    _follow_launcher()
     atexit.register(kill_dataloader_workers)  # registered after multiprocessing's atexit handler: runs before it
 
 
@@ -138,28 +159,47 @@ def kill_dataloader_workers() -> None:
             child.join()
 
 
-def _follow_launcher_sigterm() -> None:
-    """Under a single-process ``accelerate launch``, receive SIGTERM when the launcher dies.
+LAUNCHER_GRACE_S = 30.0  # after the launcher's death: time to save a checkpoint before the process ends itself
+_POLL_S = 0.5
 
-    That launcher waits on this process but does not forward SIGTERM to it (torchrun, which Accelerate uses
-    for several processes, does): without this, a SIGTERM sent to the launcher alone would leave this
-    process training on as an orphan instead of saving a checkpoint. Linux only (prctl PR_SET_PDEATHSIG).
+
+def _follow_launcher() -> None:
+    """Under a launcher (``accelerate launch``, torchrun), ask for a stop when the launcher dies.
+
+    torchrun (which ``accelerate launch`` runs for several processes) starts every rank in a session of its own,
+    and the single-process ``accelerate launch`` does not forward SIGTERM: a launcher killed with ``kill -9``, or
+    one whose process group was killed, would leave the ranks training on with PPID 1, writing checkpoints and
+    the export. A daemon thread watches the parent instead (a thread, unlike a signal handler, also runs while
+    the main thread waits in a collective): once the parent is gone it requests a stop, which saves a checkpoint
+    at the next optimizer step (or evaluation batch) as SIGTERM does; a process still alive
+    ``LAUNCHER_GRACE_S`` later (a collective waiting for a rank that died) ends itself, leaving the previous
+    checkpoint. A plain ``python train_icsd.py`` is not watched: its parent is a shell, which may go away
+    under ``nohup``.
     """
-    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" in os.environ:
-        return
     parent = os.getppid()
-    try:
-        parent_argv = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")[:3]
-    except OSError:
-        return
-    if not any(b"accelerate" in arg for arg in parent_argv):  # `accelerate launch`, `-m accelerate.commands.launch`
-        return
-    import ctypes
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun's agent is the parent of each rank
+        try:
+            parent_argv = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")[:3]
+        except OSError:
+            return
+        if not any(b"accelerate" in arg for arg in parent_argv):  # `accelerate launch`, `-m accelerate.commands.launch`
+            return
+    threading.Thread(target=_watch_launcher, args=(parent,), name="launcher-watch", daemon=True).start()
 
-    pr_set_pdeathsig = 1
-    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) == 0:
-        if os.getppid() != parent:  # the launcher died before prctl took effect
-            _on_sigterm(signal.SIGTERM, None)
+
+def _watch_launcher(parent: int) -> None:
+    global _STOP_REQUESTED
+    while os.getppid() == parent:
+        time.sleep(_POLL_S)
+    _STOP_REQUESTED = True
+    print(f"[pid {os.getpid()}] the launcher (pid {parent}) is gone: saving a checkpoint and exiting", file=sys.stderr,
+          flush=True)
+    time.sleep(LAUNCHER_GRACE_S)
+    print(f"[pid {os.getpid()}] still running {LAUNCHER_GRACE_S:.0f} s after the launcher died: exiting now "
+          "(the previous checkpoint is kept)", file=sys.stderr, flush=True)
+    for child in multiprocessing.active_children():  # DataLoader workers: os._exit runs no atexit handler
+        child.kill()
+    os._exit(1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -216,6 +256,35 @@ class LossTracker:
         totals = accelerator.reduce(self.sums, reduction="sum").tolist()
         self.sums.zero_()
         return {f"train/{k}": v / max(totals[-1], 1.0) for k, v in zip(self.keys, totals)}
+
+
+class BufferSnapshot:
+    """The model's buffers (BatchNorm running statistics) as they were before the current optimizer step.
+
+    A skipped step (``--skip_nonfinite_steps``) must leave the model exactly as it was, but the forward passes
+    of its micro-batches have already moved the running statistics, to NaN when the activations overflowed.
+    :meth:`start_step` copies every buffer at the first micro-batch of an optimizer step (copies on the device,
+    no host sync; BatchNorm buffers are small) and :meth:`end_step` copies them back when the step is skipped.
+    """
+
+    def __init__(self, model: torch.nn.Module, enabled: bool = True) -> None:
+        self.buffers = list(model.buffers()) if enabled else []  # not enabled: a non-finite step ends the run
+        self.saved = [b.detach().clone() for b in self.buffers]
+        self.in_step = False
+
+    def start_step(self) -> None:
+        """Call before each micro-batch's forward pass; copies the buffers at the first one of a step."""
+        if not self.in_step:
+            for saved, buffer in zip(self.saved, self.buffers):
+                saved.copy_(buffer)
+            self.in_step = True
+
+    def end_step(self, skipped: bool) -> None:
+        """Call once the step's fate is known: a skipped step gets the buffers of its start back."""
+        if skipped:
+            for saved, buffer in zip(self.saved, self.buffers):
+                buffer.copy_(saved)
+        self.in_step = False
 
 
 class MetricLogger:
@@ -310,11 +379,18 @@ def list_checkpoints(output_dir: str) -> list[Path]:
     return sorted(found, key=lambda p: int(_CKPT_RE.match(p.name).group(1)))
 
 
+def first_nonfinite(model: torch.nn.Module) -> str | None:
+    """The name of the first parameter or floating-point buffer (BatchNorm running statistics) holding NaN/Inf;
+    None when every one is finite. Reads each tensor's verdict on the host: for occasional checks only."""
+    tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if b.is_floating_point())]
+    return next((name for name, t in tensors if not torch.isfinite(t).all()), None)
+
+
 def check_finite_model(model: torch.nn.Module, what: str) -> None:
     """Raise FloatingPointError (one line for the user) if ``model`` holds NaN/Inf: such a model is never saved."""
     # A finite loss can still give a non-finite update (an overflowing gradient, a huge learning rate); with
     # --skip_nonfinite_steps the run would then skip every later step. The previous checkpoint stays as it is.
-    bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    bad = first_nonfinite(model)
     if bad is not None:
         raise FloatingPointError(
             f"refusing to save {what}: the model holds NaN/Inf (first in {bad}); lower --learning_rate or set "

@@ -577,3 +577,11 @@ def test_eval_collate_pads_images_with_the_mean_colour_and_labels_with_ignore():
     # The padding colour round-trips: the pipeline's uint8 mean colour is MEAN rounded.
     ds, info = block_dataset(1)
     assert data.build_eval_dataset(ds, info, pad_mean=MEAN)[0]["pad_rgb"] == MEAN_RGB
+
+
+def test_eval_collate_pads_images_below_the_models_smallest_input():
+    samples = [{"pixel_values": torch.ones(3, 1, 2), "labels": torch.zeros(1, 2, dtype=torch.long), "ignore_index": 99,
+                "min_size": 29}]
+    batch = data.eval_collate(samples)
+    assert batch["pixel_values"].shape == (1, 3, 29, 29) and batch["pixel_values"].sum() == 3 * 2  # zeros around
+    assert batch["image_sizes"].tolist() == [[1, 2]] and batch["labels"].shape == (1, 1, 2)  # true sizes kept

@@ -279,3 +279,13 @@ def test_input_adapter_normalizes_uint8_for_each_model_and_refuses_floats():
     assert torch.allclose(models.make_input_adapter(mobilevit)(batch), x01.flip(1), atol=1e-6)
     with pytest.raises(ValueError, match=r"must be uint8 \(B, 3, H, W\).*float32"):
         models.make_input_adapter(segformer)(x01)
+
+
+def test_smallest_input_side_is_found_by_dry_forward_passes():
+    segformer = models.load_student("config:segformer-tiny", {0: "a", 1: "b"}).train()
+    assert models.smallest_input_side(segformer) == 29  # its 8x8 spatial-reduction convolution, at 1/4 scale
+    assert segformer.training  # given back in its mode
+    models.segmentation_logits(segformer.eval(), torch.zeros(1, 3, 29, 29))
+    with pytest.raises(RuntimeError):
+        models.segmentation_logits(segformer, torch.zeros(1, 3, 28, 28))
+    assert models.smallest_input_side(models.load_student("config:deeplabv3-mobilenetv2", {0: "a", 1: "b"})) == 1

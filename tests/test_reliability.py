@@ -23,6 +23,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -240,10 +241,15 @@ def folders(tmp_path_factory) -> dict:
     f["empty_eval"] = write_dataset(root / "empty_eval", {"train": [sample(rng, f"t{i}") for i in range(4)],
                                                           "validation": []})
 
+    f["tiny_eval_image"] = plain_dataset(root / "tiny_eval_image", **{"validation_0": {"h": 1, "w": 1}})
+    # 20 validation rows: the pre-flight check decodes 8 (0, 3, 5, 8, 11, 14, 16, 19); row 13 is met in evaluation.
+    f["label37_eval_late"] = plain_dataset(root / "label37_eval_late", n_eval=20,
+                                           **{"validation_13": {"label_value": 37}})
+
     synthetic = data.DATASET_PRESETS["synthetic"].id2label
     processor = models.load_image_processor(TINY)
     for name, id2label in (("teacher_5", {i: f"c{i}" for i in range(5)}), ("nan_model", synthetic),
-                           ("remote_code", synthetic)):
+                           ("remote_code", synthetic), ("overflow_model", synthetic)):
         folder = root / name
         models.load_student(TINY, id2label).save_pretrained(folder)
         processor.save_pretrained(folder)
@@ -251,6 +257,11 @@ def folders(tmp_path_factory) -> dict:
     weights = load_file(str(root / "nan_model" / "model.safetensors"))
     save_file({k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in weights.items()},
               str(root / "nan_model" / "model.safetensors"), metadata={"format": "pt"})
+    # Finite weights whose logits overflow float32: a classifier of weights and biases 3e38.
+    weights = load_file(str(root / "overflow_model" / "model.safetensors"))
+    weights = {k: torch.full_like(v, 3e38) if k.startswith("decode_head.classifier.") else v
+               for k, v in weights.items()}
+    save_file(weights, str(root / "overflow_model" / "model.safetensors"), metadata={"format": "pt"})
     # A model folder that ships custom code: loading it with trust_remote_code would run evil.py.
     marker = root / "remote_code" / "REMOTE_CODE_RAN"
     (root / "remote_code" / "evil.py").write_text(
@@ -260,7 +271,7 @@ def folders(tmp_path_factory) -> dict:
     config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForSemanticSegmentation": "evil.EvilModel"}
     (root / "remote_code" / "config.json").write_text(json.dumps(config))
     f["remote_code_marker"] = marker
-    f.update({name: root / name for name in ("teacher_5", "nan_model", "remote_code")})
+    f.update({name: root / name for name in ("teacher_5", "nan_model", "remote_code", "overflow_model")})
     return f
 
 
@@ -336,6 +347,66 @@ def test_every_sample_is_checked_on_cpu_when_decoded_evaluation_included(folders
         ds[3]
 
 
+# Every setting, checked before anything runs (issue 10): a NaN weight, a clip norm that ascends the gradient, a
+# crop or evaluation size the models cannot take, a push that would fail after training, a token pasted as an id.
+NO_HUB = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}  # "online", but nothing leaves the machine
+BAD_SETTINGS = {
+    # id: (args builder (folders, out) -> list, fragments the error line must hold, extra environment or None)
+    "max_grad_norm_negative": (lambda f, out: base_args(out, max_grad_norm=-1),
+                               ["--max_grad_norm must be a finite number > 0; got -1.0"], None),
+    "max_grad_norm_zero": (lambda f, out: base_args(out, max_grad_norm=0), ["--max_grad_norm", "got 0.0"], None),
+    "lambda_kd_nan": (lambda f, out: base_args(out, "kd", lambda_kd="nan"),
+                      ["--lambda_kd must be a finite number >= 0; got nan"], None),
+    "lambda_ics_negative": (lambda f, out: base_args(out, "icsd", lambda_ics=-1), ["--lambda_ics", ">= 0"], None),
+    "lambda_cwd_inf": (lambda f, out: base_args(out, "cwd", lambda_cwd="inf"), ["--lambda_cwd", "got inf"], None),
+    "temperature_inf": (lambda f, out: base_args(out, "kd", temperature="inf"),
+                        ["--temperature must be a finite number > 0; got inf"], None),
+    "learning_rate_zero": (lambda f, out: base_args(out, learning_rate=0), ["--learning_rate", "> 0"], None),
+    "learning_rate_nan": (lambda f, out: base_args(out, learning_rate="nan"), ["--learning_rate", "got nan"], None),
+    "weight_decay_negative": (lambda f, out: base_args(out, weight_decay=-0.1), ["--weight_decay", ">= 0"], None),
+    "seed_negative": (lambda f, out: base_args(out, seed=-1), ["--seed must be in [0, 2**32); got -1"], None),
+    "eval_short_side_zero": (lambda f, out: base_args(out, eval_short_side=0), ["--eval_short_side must be >= 1"],
+                             None),
+    "num_workers_negative": (lambda f, out: base_args(out, dataloader_num_workers=-1),
+                             ["--dataloader_num_workers must be >= 0"], None),
+    "crop_below_student": (lambda f, out: base_args(out, crop_size=16),
+                           ["training crop 16x16", "student", "config:segformer-tiny", "at least 29 px"], None),
+    "crop_below_teacher": (lambda f, out: base_args(out, "kd", crop_size=16,
+                                                    student_model_name_or_path="config:deeplabv3-mobilenetv2"),
+                           ["training crop 16x16", "teacher", "at least 29 px"], None),
+    "eval_short_side_below_student": (lambda f, out: base_args(out, eval_short_side=16),
+                                      ["--eval_short_side 16", "student", "at least 29 px"], None),
+    "nan_teacher": (lambda f, out: base_args(out, "kd", teacher_model_name_or_path=f["nan_model"]),
+                    ["--teacher_model_name_or_path", "the teacher's weights hold NaN/Inf"], None),
+    "nan_student": (lambda f, out: base_args(out, student_model_name_or_path=f["nan_model"],
+                                             skip_nonfinite_steps=True),
+                    ["--student_model_name_or_path", "the student's weights hold NaN/Inf"], None),
+    "hub_model_id_invalid": (lambda f, out: base_args(out, hub_model_id="my model!"),
+                             ["--hub_model_id is not a valid repo id", "'my model!'"], None),
+    "hub_model_id_holds_a_token": (lambda f, out: base_args(out, hub_model_id=FAKE_TOKEN),
+                                   ["--hub_model_id holds what looks like a Hub access token (not shown)"], None),
+    "push_offline": (lambda f, out: base_args(out, push_to_hub=True), ["--push_to_hub", "HF_HUB_OFFLINE=1"], None),
+    "push_without_token": (lambda f, out: base_args(out, push_to_hub=True),
+                           ["--push_to_hub", "no Hub token", "hf auth login"], {**NO_HUB, "HF_HOME": "{tmp}/hf"}),
+    "push_hub_unreachable": (lambda f, out: base_args(out, push_to_hub=True),
+                             ["--push_to_hub", "cannot reach http://127.0.0.1:9"], {**NO_HUB, "HF_TOKEN": FAKE_TOKEN}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SETTINGS))
+def test_bad_setting_fails_with_one_line_before_training(folders, tmp_path, case):
+    build, fragments, extra_env = BAD_SETTINGS[case]
+    out = tmp_path / "out"
+    env = dict(ENV, **{k: v.format(tmp=tmp_path) for k, v in (extra_env or {}).items()})
+    proc = run(script_cmd(build(folders, out)), timeout=90, env=env)
+    assert_one_line_error(proc, *fragments)
+    assert "*****" not in proc.stderr  # training never started
+    assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
+    assert FAKE_TOKEN not in proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Images of every kind, and corrupt files skipped on request
 # ---------------------------------------------------------------------------------------------------------
 # Images of every kind, and corrupt files skipped on request
 # ---------------------------------------------------------------------------------------------------------
@@ -361,32 +432,33 @@ def test_skip_bad_samples_counts_and_reports_them(folders, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # Numerics
 # ---------------------------------------------------------------------------------------------------------
-def test_nan_loss_stops_naming_step_and_term(folders, tmp_path):
-    # A teacher whose weights are NaN makes the KD term NaN at the first step.
+def test_nan_loss_stops_naming_step_and_term(tmp_path):
+    # A learning rate of 1e6: step 1 is finite, its update makes the activations overflow at step 2.
     out = tmp_path / "out"
-    proc = run(script_cmd(base_args(out, "kd", steps=4, teacher_model_name_or_path=folders["nan_model"],
-                                    checkpointing_steps=1)))
-    assert_one_line_error(proc, "non-finite loss at step 1 (epoch 0), term kd", "--skip_nonfinite_steps")
-    assert checkpoint_names(out) == [] and not (out / "model.safetensors").exists()
+    proc = run(script_cmd(base_args(out, steps=4, learning_rate=1e6, checkpointing_steps=1)))
+    assert_one_line_error(proc, "non-finite loss at step 2 (epoch 0), term ce", "lower --learning_rate",
+                          "--skip_nonfinite_steps")
+    assert checkpoint_names(out) == ["step_00000001"] and not (out / "model.safetensors").exists()
 
 
-def test_skip_nonfinite_steps_finishes_with_a_count(folders, tmp_path):
+BN_MODEL = "config:deeplabv3-mobilenetv2"  # BatchNorm throughout: the forward pass moves the running statistics
+
+
+def test_skipped_steps_leave_the_model_exactly_as_before_batchnorm_included(tmp_path):
+    # Issue 10, item 2: with --learning_rate 1e6 the activations overflow from step 3 on; a skipped step's forward
+    # pass would leave NaN in BatchNorm's running_mean/running_var, which the export and checkpoints then held.
     out = tmp_path / "out"
-    proc = run_ok(script_cmd(base_args(out, "kd", steps=3, teacher_model_name_or_path=folders["nan_model"],
-                                       skip_nonfinite_steps=True, checkpointing_steps=3)))
-    assert results(out)["skipped_steps"] == 3
-    assert "skipping the update of step 1 (epoch 0), term kd" in proc.stderr
-    assert all_finite(out) and all_finite(out / "checkpoints" / "step_00000003")
-
-
-def test_a_nan_model_is_never_saved(folders, tmp_path):
-    # A student that starts NaN: every step is skipped (counted), and the checkpoint is refused, not written.
-    out = tmp_path / "out"
-    proc = run(script_cmd(base_args(out, steps=3, student_model_name_or_path=folders["nan_model"],
-                                    skip_nonfinite_steps=True, checkpointing_steps=1)))
-    assert_one_line_error(proc, "refusing to save the checkpoint of step 1", "NaN/Inf")
-    assert "skipping the update of step 1" in proc.stderr
-    assert not list(out.glob("checkpoints/*")) and not (out / "model.safetensors").exists()
+    proc = run_ok(script_cmd(base_args(out, steps=4, student_model_name_or_path=BN_MODEL, learning_rate=1e6,
+                                       skip_nonfinite_steps=True, checkpointing_steps=1)))
+    skipped = [int(n) for n in re.findall(r"skipping the update of step (\d+) \(epoch 0\), term ce", proc.stderr)]
+    assert skipped and min(skipped) >= 2 and results(out)["skipped_steps"] == len(skipped), skipped
+    ckpt = {int(p.name[5:]): p for p in (out / "checkpoints").iterdir()}
+    assert sorted(ckpt) == [1, 2, 3, 4]
+    for step in skipped:  # parameters and buffers exactly as at the previous step
+        assert same_weights(ckpt[step], ckpt[step - 1]), f"step {step} changed the model"
+    assert "running_var" in " ".join(load_file(str(out / "model.safetensors")))
+    assert all(all_finite(p) for p in ckpt.values()) and all_finite(out)
+    assert same_weights(out, ckpt[4])  # the export, and so the reported metrics, are the last step's model
 
 
 @pytest.mark.parametrize("distill", train_icsd.DISTILL_MODES)
@@ -421,6 +493,41 @@ def test_all_ignore_dataset_trains_with_zero_losses(folders, tmp_path):
         assert set(terms) >= {"train/loss", "train/ce", "train/ics", "train/kd", "train/raw_kd"}
         assert all(v == 0.0 for v in terms.values()), line
     assert results(out)["eval_mean_iou"] is None and all_finite(out)  # no valid pixel: no IoU, not NaN
+
+
+def test_a_teacher_whose_logits_overflow_is_named_not_the_learning_rate(folders, tmp_path):
+    # Finite weights, overflowing logits: the first batch's teacher logits are checked once.
+    out = tmp_path / "out"
+    proc = run(script_cmd(base_args(out, "kd", teacher_model_name_or_path=folders["overflow_model"],
+                                    skip_nonfinite_steps=True)))
+    assert_one_line_error(proc, f"the teacher {folders['overflow_model']} gives NaN/Inf logits on the first "
+                                "training batch", "its weights are finite")
+    assert "lower --learning_rate" not in proc.stderr and "skipping the update" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The final evaluation cannot lose the training
+# ---------------------------------------------------------------------------------------------------------
+def test_a_validation_image_smaller_than_the_model_takes_is_padded_and_evaluated(folders, tmp_path):
+    # A 1x1 validation image, evaluated alone (batch 1): SegFormer needs 29 px. It is padded (its prediction is
+    # cut back to 1x1), not a crash after training.
+    out = tmp_path / "out"
+    run_ok(script_cmd(local_args(folders["tiny_eval_image"], out, per_device_eval_batch_size=1)))
+    res = results(out)
+    assert res["train_steps"] == 2 and res["eval_skipped_samples"] == 0 and res["eval_overall_accuracy"] is not None
+
+
+def test_a_failed_final_evaluation_keeps_the_trained_model_and_says_so(folders, tmp_path):
+    # Validation row 13 holds label 37; the pre-flight sample misses it, the final evaluation meets it. The
+    # trained model was saved before the evaluation: it loads, and the error line says where it is.
+    out = tmp_path / "out"
+    proc = run(script_cmd(local_args(folders["label37_eval_late"], out, steps=3)))
+    assert_one_line_error(proc, "the final evaluation or export failed", "validation row 13", "label values [37]",
+                          f"the trained model is saved in {out}")
+    assert "*****" in proc.stderr and not (out / "all_results.json").exists()
+    model = models.load_student(str(out), {i: name for i, name in enumerate(CLASSES)})
+    assert utils_training.first_nonfinite(model) is None and all_finite(out)
+    assert (out / "preprocessor_config.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -569,6 +676,108 @@ def test_sigterm_to_the_multi_process_accelerate_launcher(tmp_path):
     assert len(re.findall(r"SIGTERM: checkpoint saved at step \d+", text)) == 1, text[-3000:]
     assert len(checkpoint_names(out)) == 1
     assert 'train_icsd.py", line' not in text  # the only traceback is the launcher's
+
+
+def long_eval_args(out: Path, **extra) -> list:
+    # 32 validation scenes of 256x256 one at a time: an evaluation of ~5 s on a CPU, ~0.15 s a batch.
+    return base_args(out, dataset_config_name="256x256", max_eval_samples=32, per_device_eval_batch_size=1,
+                     num_pictures=0, log_file=out / "log.jsonl", **extra)
+
+
+def sigterm_once_evaluating(cmd: list, log: Path) -> None:
+    """Run ``cmd``, send SIGTERM to its process group once an evaluation is under way; expect exit 0."""
+    proc = start(cmd, log)
+    try:
+        wait_for(lambda: "eval:" in log.read_text(), proc, "an evaluation to start")
+        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        if group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_sigterm_during_an_evaluation_stops_it_and_checkpoints(tmp_path):
+    # The evaluation at step 2 is cut short within a batch: a checkpoint of step 2, exit 0, nothing logged for it.
+    out = tmp_path / "out"
+    out.mkdir()
+    sigterm_once_evaluating(script_cmd(long_eval_args(out, steps=6, eval_steps=2)), tmp_path / "run.log")
+    text = (tmp_path / "run.log").read_text()
+    assert "SIGTERM: checkpoint saved at step 2; resume with --resume_from_checkpoint latest" in text, text[-3000:]
+    assert checkpoint_names(out) == ["step_00000002"] and last_step(out) == 2
+    assert not [line for line in logged(out) if "eval/mean_iou" in line]  # the evaluation never finished
+    assert "step 2: mIoU" not in text and not (out / "model.safetensors").exists()
+
+
+def test_sigterm_during_the_final_evaluation_keeps_the_model_and_a_resume_finishes(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    args = long_eval_args(out, steps=2)
+    sigterm_once_evaluating(script_cmd(args), tmp_path / "run.log")
+    text = (tmp_path / "run.log").read_text()
+    assert "SIGTERM during the final evaluation: checkpoint saved at step 2" in text, text[-3000:]
+    # The trained model was saved before the evaluation; a checkpoint of the last step lets a resume finish.
+    assert all_finite(out) and not (out / "all_results.json").exists()
+    assert checkpoint_names(out) == ["step_00000002"]
+    shutil.copytree(out, tmp_path / "saved", ignore=shutil.ignore_patterns("checkpoints"))
+    proc = run_ok(script_cmd(args + ["--resume_from_checkpoint", "latest"]))
+    assert _resumed_at(proc.stderr) == 2 and results(out)["train_steps"] == 2  # nothing trained again
+    assert (out / "README.md").is_file() and same_weights(out, tmp_path / "saved")
+
+
+def torchrun_cmd(args, nproc: int) -> list:
+    """``torchrun --nproc_per_node N train_icsd.py ARGS`` (on the CPU with ACCELERATE_USE_CPU=1)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(30000 + os.getpid() % 500), str(ROOT / "train_icsd.py"), *map(str, args)]
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (name)": state, ppid, ...
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's reaper may take its time)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+def test_killing_the_launcher_stops_every_rank_within_seconds(tmp_path, launcher):
+    # `setsid accelerate launch --multi_gpu --num_processes 2 ... & kill -KILL -- -$!`: torchrun starts each rank
+    # in a session of its own, so the kill reaches the launcher only; the ranks once trained on with PPID 1.
+    # Each rank now notices its launcher's death, saves one checkpoint with the others and exits.
+    out = tmp_path / "out"
+    out.mkdir()
+    log = tmp_path / "launch.log"
+    args = base_args(out, steps=100_000, max_train_samples=64, log_file=out / "log.jsonl")
+    cmd = launcher_cmd(args, nproc=2) if launcher == "accelerate" else torchrun_cmd(args, 2)
+    proc = start(cmd, log, dict(ENV, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1"))
+    ranks = []
+    try:
+        wait_for(lambda: last_step(out) >= 2, proc, "training to start", timeout=120)
+        ranks = children(proc.pid)
+        assert len(ranks) == 2, ranks
+        os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+        wait_for(lambda: not any(running(pid) for pid in ranks), None, "every rank to exit", timeout=10)
+    finally:
+        for pid in ranks:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+    text = log.read_text()
+    assert text.count(f"the launcher (pid {proc.pid}) is gone") == 2, text[-3000:]
+    assert len(re.findall(r"SIGTERM: checkpoint saved at step \d+", text)) == 1, text[-3000:]
+    assert len(checkpoint_names(out)) == 1 and not (out / "model.safetensors").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -114,3 +114,46 @@ def test_run_cli_prints_one_line_and_returns_2(capsys):
     wrapped = RuntimeError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
                            "last):\n  File ...\ndata.DataError: row 3: bad label")
     assert utils.one_line(wrapped) == "row 3: bad label"
+
+
+def test_buffer_snapshot_gives_a_skipped_step_its_batchnorm_statistics_back():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    buffers = utils.BufferSnapshot(model)
+    for micro_batch in (torch.randn(2, 3, 4, 4), torch.full((2, 3, 4, 4), float("nan"))):  # one step, 2 micro-batches
+        buffers.start_step()
+        model(micro_batch)
+    assert torch.isnan(model[1].running_mean).all() and int(model[1].num_batches_tracked) == 2
+    buffers.end_step(skipped=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # NaN gone, count too
+    buffers.start_step()
+    model(torch.randn(2, 3, 4, 4))
+    buffers.end_step(skipped=False)  # an applied step keeps what its forward passes did
+    assert int(model[1].num_batches_tracked) == 1 and not torch.equal(before["1.running_mean"], model[1].running_mean)
+    off = utils.BufferSnapshot(model, enabled=False)
+    off.start_step()
+    model(torch.full((2, 3, 4, 4), float("nan")))
+    off.end_step(skipped=True)
+    assert torch.isnan(model[1].running_mean).all()  # disabled: a non-finite step ends the run instead
+
+
+def test_finite_model_check_covers_buffers(tmp_path):
+    acc = Accelerator(cpu=True)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    assert utils.first_nonfinite(model) is None
+    model[1].running_var[1] = float("inf")
+    assert utils.first_nonfinite(model) == "1.running_var"
+    with pytest.raises(FloatingPointError, match=r"refusing to save the final model: .*first in 1\.running_var"):
+        utils.check_finite_model(model, "the final model")
+    with pytest.raises(FloatingPointError, match="first in 1.running_var"):
+        utils.save_checkpoint(acc, model, str(tmp_path), utils.TrainState().to_json(), None)
+
+
+def test_a_failure_after_the_model_is_saved_says_where_the_model_is():
+    with pytest.raises(utils.AfterTrainingError) as caught:
+        with utils.report_saved_model("runs/x"):
+            raise RuntimeError("out of memory\nwhile evaluating")
+    assert str(caught.value) == ("after training, the final evaluation or export failed (RuntimeError: out of memory "
+                                 "while evaluating); the trained model is saved in runs/x (from_pretrained loads it)")
+    with utils.report_saved_model("runs/x"):  # no failure: nothing happens
+        pass

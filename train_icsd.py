@@ -312,6 +312,7 @@ def evaluate(
     model.eval()
     cm = torch.zeros(num_labels, num_labels, dtype=torch.long, device=accelerator.device)
     skipped, stopped = 0, False
+    logger.info(f"{desc}: {utils.plural(len(dataloader.dataset), 'image')} on this process")
     for batch in tqdm(dataloader, desc=desc, disable=not utils.show_progress_bars(accelerator), leave=False):
         if utils.stop_requested():  # shards differ in length: processes agree after the loop, not per batch
             stopped = True

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -1043,13 +1044,46 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
     Independent of worker count, process count, and of which batches were
     skipped when resuming, so every run sees the same augmentation per sample.
+    The training augmentation uses its first outputs (see :func:`sample_draws`).
     """
+    generator = torch.Generator()
+    generator.manual_seed(_sample_seed(seed, epoch, index))
+    return generator
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
     if seed < 0 or epoch < 0 or index < 0:
         raise ValueError(f"seed, epoch and index must be non-negative, got {seed}, {epoch}, {index}")
     state = np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(2, dtype=np.uint32)
-    generator = torch.Generator()
-    generator.manual_seed((int(state[0]) << 31) ^ int(state[1]))
-    return generator
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+class _Twister(threading.local):
+    """One NumPy MT19937 per thread, re-seeded for every sample."""
+
+    def __init__(self) -> None:
+        self.bits = np.random.MT19937()
+        self.seeder = np.random.RandomState(self.bits)  # its seed() is the classic MT19937 seeding
+
+
+_TWISTER = _Twister()
+
+
+def sample_draws(seed: int, epoch: int, index: int, count: int = 4) -> list[int]:
+    """The first ``count`` raw 32-bit outputs of :func:`sample_generator` (seed, epoch, index).
+
+    torch's CPU generator is the standard Mersenne Twister (MT19937) seeded with the low 32 bits of its seed,
+    as NumPy's legacy seeding is; ``torch.rand`` of a float32 takes the low 24 bits of one output and
+    ``torch.randint(0, n)`` takes one output modulo n. NumPy hands out the outputs in one call, a third of
+    what making a ``torch.Generator`` and drawing four tensors from it costs in a worker.
+    """
+    _TWISTER.seeder.seed(_sample_seed(seed, epoch, index) & 0xFFFFFFFF)
+    return _TWISTER.bits.random_raw(count).tolist()
+
+
+def _unit_float32(bits: int) -> float:
+    """``torch.rand`` (float32) from one raw output: its low 24 bits over 2**24."""
+    return (bits & 0xFFFFFF) / 16777216
 
 
 def _label_dtype(num_labels: int, ignore_index: int) -> torch.dtype:
@@ -1087,8 +1121,9 @@ def _nearest_index(size: int, out: int) -> np.ndarray:
 
     The same centres bilinear resampling with align_corners=False uses, so a resized mask stays on its image.
     """
-    centres = (np.arange(out, dtype=np.float64) + 0.5) * (size / out)
-    return np.minimum(centres.astype(np.int64), size - 1)
+    # Centres 0.5, 1.5, ... (exact) times size / out stay below size (by far more than the rounding), so the
+    # truncated indices need no clipping.
+    return (np.arange(0.5, out) * (size / out)).astype(np.int64)
 
 
 def _cyclic_range(valid: np.ndarray) -> tuple[int, int] | None:
@@ -1346,16 +1381,16 @@ class SegmentationTrainDataset(_SegmentationSource):
             image, label, table = self._decode(index)
         except BadSampleError as err:
             return self._skipped(index, err)
-        generator = sample_generator(self.seed, self.epoch, int(index))
-        image, label = self._augment(image, label, generator, table)
+        image, label = self._augment(image, label, sample_draws(self.seed, self.epoch, int(index)), table)
         return {"pixel_values": image, "labels": label}
 
-    def _augment(self, image: np.ndarray, label: np.ndarray, generator: torch.Generator,
+    def _augment(self, image: np.ndarray, label: np.ndarray, draws: Sequence[int],
                  table: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale by s, crop, pad and flip ``image`` uint8 (H, W, 3 or 4) and ``label`` (H, W) together.
 
         Draws s uniform in ``scale_range``, then the crop's top and left in the image scaled by s (and padded
-        bottom/right to at least the crop), then a flip with probability 1/2. Only the source region under
+        bottom/right to at least the crop), then a flip with probability 1/2, from ``draws`` (four outputs of
+        :func:`sample_draws`) as ``torch.rand`` and ``torch.randint`` would. Only the source region under
         the crop is resized (image bilinear, antialiased when shrinking; label nearest, at the same pixel
         centres): the same as cropping the whole scaled image, up to half a source pixel of rounding.
         ``table`` maps raw label values (applied to the kept pixels only). A 4th image channel is dropped.
@@ -1365,13 +1400,13 @@ class SegmentationTrainDataset(_SegmentationSource):
             own arrays: the collate copies once.
         """
         low, high = self.scale_range
-        scale = low + (high - low) * float(torch.rand((), generator=generator))
+        scale = low + (high - low) * _unit_float32(draws[0])
         height, width = label.shape
         new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
         crop_h, crop_w = self.crop_size
-        top = int(torch.randint(0, max(new_h, crop_h) - crop_h + 1, (), generator=generator))
-        left = int(torch.randint(0, max(new_w, crop_w) - crop_w + 1, (), generator=generator))
-        flip = float(torch.rand((), generator=generator)) < 0.5
+        top = draws[1] % (max(new_h, crop_h) - crop_h + 1)
+        left = draws[2] % (max(new_w, crop_w) - crop_w + 1)
+        flip = _unit_float32(draws[3]) < 0.5
 
         y0, src_h, out_h = _source_window(height, new_h, crop_h, top)
         x0, src_w, out_w = _source_window(width, new_w, crop_w, left)

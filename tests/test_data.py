@@ -526,6 +526,21 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index():
     assert not torch.equal(first[1]["pixel_values"], other_seed[1]["pixel_values"])
 
 
+def test_sample_draws_are_the_numbers_torch_draws_from_sample_generator():
+    # The augmentation reads NumPy's Mersenne Twister instead of a torch.Generator (cheaper in a worker); the
+    # draws must stay those of torch.rand / torch.randint on sample_generator, ranges of one included.
+    triples = [(0, 0, 0), (1, 2, 3), (7, 0, 12345), (0, 99, 2**31 + 5)] + [(3, 1, i) for i in range(60)]
+    for seed, epoch, index in triples:
+        generator = data.sample_generator(seed, epoch, index)
+        ranges = (1, 2 + index % 1000)
+        expected = [float(torch.rand((), generator=generator))]
+        expected += [int(torch.randint(0, n, (), generator=generator)) for n in ranges]
+        expected.append(float(torch.rand((), generator=generator)))
+        draws = data.sample_draws(seed, epoch, index)
+        unit = [(draw & 0xFFFFFF) / 2**24 for draw in draws]  # torch.rand's float32: the low 24 bits
+        assert [unit[0], draws[1] % ranges[0], draws[2] % ranges[1], unit[3]] == expected
+
+
 @pytest.mark.parametrize("mapping, num_labels", [
     (data.LABELS_IDENTITY, 11), (data.LABELS_REDUCE, 150), (data.LABELS_CITYSCAPES_LABELID, 19),
     (data.LABELS_CITYSCAPES_LABELID, 11),  # trainIds beyond the classes: not one range, so values are counted

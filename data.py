@@ -1165,6 +1165,7 @@ class _SegmentationSource(torch.utils.data.Dataset):
         self._label_np_dtype = np.uint8 if self.label_dtype == torch.uint8 else np.int64
         self._u8_lut = None if identity else np.where(valid, mapped, 0).astype(self._label_np_dtype)
         self._arrow_columns: dict[str, Any] | None = None  # see _row
+        self._label_fill = np.full((1, 1), info.ignore_index, dtype=self._label_np_dtype)  # padding, for _padded
 
     def __len__(self) -> int:
         return len(self.hf_ds)
@@ -1265,13 +1266,6 @@ class _SegmentationSource(torch.utils.data.Dataset):
         return {"skipped": True, "index": index, "reason": str(err)}
 
 
-def _owned_tensor(array: np.ndarray) -> torch.Tensor:
-    """``array`` as a tensor on its memory, copied first when read-only or mirrored (torch has no negative strides)."""
-    if not array.flags.writeable or min(array.strides, default=0) < 0:
-        array = np.array(array)
-    return torch.from_numpy(array)
-
-
 def _rgbx_window(image: np.ndarray, y0: int, height: int, x0: int, width: int, flip: bool) -> np.ndarray:
     """``image[y0:y0 + height, x0:x0 + width]``, mirrored left-right if ``flip``, copied to a new array.
 
@@ -1308,37 +1302,46 @@ def _resize_rgbx(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 _RGB_SHIFTS = (0, 8, 16) if sys.byteorder == "little" else (24, 16, 8)
 
 
+def _padded(fill: np.ndarray, size: tuple[int, int], inner: tuple[int, int], mirrored: bool
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """A new array of ``fill.shape[:-2] + size`` holding ``fill`` (broadcast) except in an ``inner`` (h, w)
+    window at the top left, or top right when ``mirrored``; and that window, a view to write the content into.
+    """
+    canvas = np.empty(fill.shape[:-2] + tuple(size), dtype=fill.dtype)
+    (height, width), left = inner, (size[1] - inner[1] if mirrored else 0)
+    if tuple(inner) != tuple(size):
+        canvas[..., height:, :] = fill
+        canvas[..., :height, :left] = fill
+        canvas[..., :height, left + width:] = fill
+    return canvas, canvas[..., :height, left:left + width]
+
+
+# Where R, G and B sit in a 4-byte RGBX pixel read as one native uint32.
+_RGB_SHIFTS = (0, 8, 16) if sys.byteorder == "little" else (24, 16, 8)
+
+
 def _planes(pixels: np.ndarray, size: tuple[int, int], fill: Sequence[int], mirrored: bool) -> torch.Tensor:
     """(h, w, C) uint8 RGB(X) pixels as a new (3, *size) tensor of planes, padded with the ``fill`` colour below
     and on the right (on the left when ``mirrored``: the pixels already are).
 
     The one copy that turns pixels into the planes a batch holds. Whole 4-byte pixels are shifted and
-    truncated as uint32, a plane at a time: twice as fast as moving single bytes, torch's strided copy.
+    truncated as uint32, a plane at a time: twice as fast as moving single bytes (torch's strided copy).
     """
-    height, width = pixels.shape[:2]
-    canvas = np.empty((3, *size), dtype=np.uint8)
-    left = size[1] - width if mirrored else 0
-    if (height, width) != tuple(size):
-        colour = np.asarray(fill, dtype=np.uint8).reshape(3, 1, 1)
-        canvas[:, height:] = colour
-        canvas[:, :height, :left] = colour
-        canvas[:, :height, left + width:] = colour
-    target = canvas[:, :height, left:left + width]
+    canvas, window = _padded(np.asarray(fill, dtype=np.uint8).reshape(3, 1, 1), size, pixels.shape[:2], mirrored)
     if pixels.shape[2] == 4 and pixels.strides[1:] == (4, 1):
         words = pixels.view(np.uint32)[:, :, 0]
-        shifted = np.empty(words.shape, dtype=np.uint32)
-        for plane, shift in zip(target, _RGB_SHIFTS):
-            np.copyto(plane, np.right_shift(words, shift, out=shifted) if shift else words, casting="unsafe")
+        for plane, shift in zip(window, _RGB_SHIFTS):  # cast to uint8 in the ufunc's buffer: no uint32 temporary
+            np.right_shift(words, shift, out=plane, casting="unsafe")
     else:
-        np.copyto(target, pixels[:, :, :3].transpose(2, 0, 1))
+        np.copyto(window, pixels[:, :, :3].transpose(2, 0, 1))
     return torch.from_numpy(canvas)
 
 
-def _nearest_label(label: np.ndarray, size: tuple[int, int], table: np.ndarray | None, flip: bool) -> np.ndarray:
-    """``label`` (h, w) resized to ``size`` by nearest neighbour, mirrored left-right if ``flip``, then mapped
-    through ``table`` (if given). Possibly a view of ``label``."""
-    (height, width), (out_h, out_w) = label.shape, size
-    if table is not None and label.size <= out_h * out_w:  # map whichever of input and output is smaller
+def _nearest_label(label: np.ndarray, out: np.ndarray, table: np.ndarray | None, flip: bool) -> None:
+    """Write ``label`` (h, w) resized to ``out``'s size by nearest neighbour, mirrored left-right if ``flip``, and
+    mapped through ``table`` (if given), into ``out``."""
+    (height, width), (out_h, out_w) = label.shape, out.shape
+    if table is not None and label.size <= out.size:  # map whichever of input and output is smaller
         label, table = np.take(table, label), None
     rows = _nearest_index(height, out_h) if out_h != height else None
     cols = _nearest_index(width, out_w) if out_w != width else None
@@ -1347,24 +1350,17 @@ def _nearest_label(label: np.ndarray, size: tuple[int, int], table: np.ndarray |
     elif flip:
         cols = cols[::-1]  # mirrored by the gather itself, at no cost
     # Rows are copied whole, columns value by value (np.take; several times faster than torch's index_select):
-    # gather the columns on whichever of the input and the output has fewer rows.
-    if rows is not None and cols is not None and height < out_h:
-        label = np.take(label, cols, axis=1)[rows]
-    else:
-        if rows is not None:
-            label = label[rows]
-        if cols is not None:
-            label = np.take(label, cols, axis=1)
-    return label if table is None else np.take(table, label)
-
-
-def _pad(values: torch.Tensor, size: tuple[int, int], fill: int, mirrored: bool) -> torch.Tensor:
-    """(h, w) padded with ``fill`` to ``size``: below and on the right, or on the left when ``mirrored``."""
-    height, width = values.shape
-    if (height, width) == tuple(size):
-        return values
-    across, down = size[1] - width, size[0] - height
-    return F.pad(values, (across, 0, 0, down) if mirrored else (0, across, 0, down), value=fill)
+    # gather the columns on whichever of the input and the output has fewer rows. The last step writes out.
+    steps = [(index, axis) for index, axis in ((rows, 0), (cols, 1)) if index is not None]
+    if len(steps) == 2 and height < out_h:
+        steps.reverse()
+    if table is None and not steps:
+        np.copyto(out, label)
+    for position, (index, axis) in enumerate(steps):
+        last = table is None and position == len(steps) - 1
+        label = np.take(label, index, axis=axis, out=out if last else None, mode="clip")
+    if table is not None:
+        np.take(table, label, out=out, mode="clip")
 
 
 class SegmentationTrainDataset(_SegmentationSource):
@@ -1445,8 +1441,9 @@ class SegmentationTrainDataset(_SegmentationSource):
         # Bottom/right padding (left once mirrored): the model's mean colour (its adapter maps it to about 0),
         # labels ignored.
         pixels = _planes(pixels, self.crop_size, self.pad_rgb, flip)
-        label = _nearest_label(label[y0:y0 + src_h, x0:x0 + src_w], (out_h, out_w), table, flip)
-        return pixels, _pad(_owned_tensor(label), self.crop_size, self.info.ignore_index, flip)
+        labels, window = _padded(self._label_fill, self.crop_size, (out_h, out_w), flip)
+        _nearest_label(label[y0:y0 + src_h, x0:x0 + src_w], window, table, flip)
+        return pixels, torch.from_numpy(labels)
 
 
 class SegmentationEvalDataset(_SegmentationSource):
@@ -1475,9 +1472,11 @@ class SegmentationEvalDataset(_SegmentationSource):
             size = (max(1, round(height * factor)), max(1, round(width * factor)))
         if size != (height, width):
             image = _resize_rgbx(_rgbx_window(image, 0, height, 0, width, False), size)
+        labels = np.empty((height, width), dtype=self._label_fill.dtype)
+        _nearest_label(label, labels, table, False)  # a copy (Pillow's memory is read-only), mapped if need be
         return {
             "pixel_values": _planes(image, size, self.pad_rgb, False),  # straight from Pillow's memory if no resize
-            "labels": _owned_tensor(_nearest_label(label, (height, width), table, False)),
+            "labels": torch.from_numpy(labels),
             "ignore_index": self.info.ignore_index,
             "pad_rgb": self.pad_rgb,
         }

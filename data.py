@@ -1298,10 +1298,6 @@ def _resize_rgbx(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return resized[0].permute(1, 2, 0).contiguous().numpy()
 
 
-# Where R, G and B sit in a 4-byte RGBX pixel read as one native uint32.
-_RGB_SHIFTS = (0, 8, 16) if sys.byteorder == "little" else (24, 16, 8)
-
-
 def _padded(fill: np.ndarray, size: tuple[int, int], inner: tuple[int, int], mirrored: bool
             ) -> tuple[np.ndarray, np.ndarray]:
     """A new array of ``fill.shape[:-2] + size`` holding ``fill`` (broadcast) except in an ``inner`` (h, w)

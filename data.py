@@ -22,6 +22,8 @@ import json
 import logging
 import os
 import re
+import sys
+import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,6 +31,7 @@ from typing import Any, Sequence
 import datasets
 import huggingface_hub
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -424,6 +427,34 @@ def decode_image(value: Any, what: str = "image") -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
+def _pillow_pixels(image: Image.Image) -> np.ndarray:
+    """The pixels of a loaded image, shared with Pillow rather than copied where it allows (then read-only).
+
+    Pillow (11.2+) exports an "RGB", "L" or "P" image whose rows lie in one block (up to 16 MiB by default)
+    through the Arrow C data interface: "RGB" then comes as (H, W, 4), the way Pillow stores it (the 4th byte
+    is unused), "L" and "P" as (H, W). Anything else is ``np.asarray(image)``, a copy.
+    """
+    if image.mode in ("RGB", "L", "P") and hasattr(image, "__arrow_c_array__"):
+        width, height = image.size
+        try:
+            exported = pa.array(image)
+            if image.mode == "RGB":  # .values: the bytes under the pixels (flatten() is a slower compute call)
+                return exported.values.to_numpy(zero_copy_only=True).reshape(height, width, 4)
+            return exported.to_numpy(zero_copy_only=True).reshape(height, width)
+        except (ValueError, TypeError, pa.ArrowException):  # e.g. rows in several blocks: copied below
+            pass
+    return np.asarray(image)
+
+
+def _decode_pixels(value: Any, what: str) -> np.ndarray:
+    """:func:`decode_image` without its copy for RGB files: (H, W, 3) or (H, W, 4) uint8 RGB (a 4th channel is
+    unused), possibly read-only."""
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return decode_image(value, what)
+    image = _open_pil(value, what)
+    return _pillow_pixels(image) if image.mode == "RGB" else decode_image(image, what)
+
+
 def _to_uint8(array: np.ndarray, what: str) -> np.ndarray:
     if array.dtype == np.uint8:
         return array
@@ -501,7 +532,10 @@ def decode_label(value: Any, what: str = "label") -> np.ndarray:
 
 
 def _decode_label_values(value: Any, what: str) -> np.ndarray:
-    """:func:`decode_label` in the mask's own integer type: uint8 for "L" and "P" PNGs, 8 times smaller than int64."""
+    """:func:`decode_label` in the mask's own integer type: uint8 for "L" and "P" PNGs, 8 times smaller than int64.
+
+    Possibly read-only (Pillow's own memory, see :func:`_pillow_pixels`).
+    """
     if isinstance(value, (str, os.PathLike)):
         what = f"{what} (file {value})"
     elif isinstance(value, dict) and value.get("path") and str(value["path"]) not in what:
@@ -509,7 +543,8 @@ def _decode_label_values(value: Any, what: str) -> np.ndarray:
     if isinstance(value, (np.ndarray, torch.Tensor, list)):
         array = np.asarray(value)
     else:
-        array = np.asarray(_open_pil(value, what))  # "P" keeps indices, "I;16"/"I" keep values
+        image = _open_pil(value, what)  # "P" keeps indices, "I;16"/"I" keep values
+        array = _pillow_pixels(image) if image.mode in ("L", "P") else np.asarray(image)
     if array.ndim == 3:
         if array.shape[2] in (2, 4):  # drop alpha
             array = array[:, :, : array.shape[2] - 1]
@@ -1009,13 +1044,46 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
     Independent of worker count, process count, and of which batches were
     skipped when resuming, so every run sees the same augmentation per sample.
+    The training augmentation uses its first outputs (see :func:`sample_draws`).
     """
+    generator = torch.Generator()
+    generator.manual_seed(_sample_seed(seed, epoch, index))
+    return generator
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
     if seed < 0 or epoch < 0 or index < 0:
         raise ValueError(f"seed, epoch and index must be non-negative, got {seed}, {epoch}, {index}")
     state = np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(2, dtype=np.uint32)
-    generator = torch.Generator()
-    generator.manual_seed((int(state[0]) << 31) ^ int(state[1]))
-    return generator
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+class _Twister(threading.local):
+    """One NumPy MT19937 per thread, re-seeded for every sample."""
+
+    def __init__(self) -> None:
+        self.bits = np.random.MT19937()
+        self.seeder = np.random.RandomState(self.bits)  # its seed() is the classic MT19937 seeding
+
+
+_TWISTER = _Twister()
+
+
+def sample_draws(seed: int, epoch: int, index: int, count: int = 4) -> list[int]:
+    """The first ``count`` raw 32-bit outputs of :func:`sample_generator` (seed, epoch, index).
+
+    torch's CPU generator is the standard Mersenne Twister (MT19937) seeded with the low 32 bits of its seed,
+    as NumPy's legacy seeding is; ``torch.rand`` of a float32 takes the low 24 bits of one output and
+    ``torch.randint(0, n)`` takes one output modulo n. NumPy hands out the outputs in one call, a third of
+    what making a ``torch.Generator`` and drawing four tensors from it costs in a worker.
+    """
+    _TWISTER.seeder.seed(_sample_seed(seed, epoch, index) & 0xFFFFFFFF)
+    return _TWISTER.bits.random_raw(count).tolist()
+
+
+def _unit_float32(bits: int) -> float:
+    """``torch.rand`` (float32) from one raw output: its low 24 bits over 2**24."""
+    return (bits & 0xFFFFFF) / 16777216
 
 
 def _label_dtype(num_labels: int, ignore_index: int) -> torch.dtype:
@@ -1053,8 +1121,9 @@ def _nearest_index(size: int, out: int) -> np.ndarray:
 
     The same centres bilinear resampling with align_corners=False uses, so a resized mask stays on its image.
     """
-    centres = (np.arange(out, dtype=np.float64) + 0.5) * (size / out)
-    return np.minimum(centres.astype(np.int64), size - 1)
+    # Centres 0.5, 1.5, ... (exact) times size / out stay below size (by far more than the rounding), so the
+    # truncated indices need no clipping.
+    return (np.arange(0.5, out) * (size / out)).astype(np.int64)
 
 
 def _cyclic_range(valid: np.ndarray) -> tuple[int, int] | None:
@@ -1092,11 +1161,38 @@ class _SegmentationSource(torch.utils.data.Dataset):
         self._u8_valid = valid
         self._u8_range = _cyclic_range(valid)
         identity = np.array_equal(mapped, raw) and self.label_dtype == torch.uint8
-        lut_dtype = np.uint8 if self.label_dtype == torch.uint8 else np.int64
-        self._u8_lut = None if identity else np.where(valid, mapped, 0).astype(lut_dtype)
+        self._label_np_dtype = np.uint8 if self.label_dtype == torch.uint8 else np.int64
+        self._u8_lut = None if identity else np.where(valid, mapped, 0).astype(self._label_np_dtype)
+        self._arrow_columns: dict[str, Any] | None = None  # see _row
+        self._label_fill = np.full((1, 1), info.ignore_index, dtype=self._label_np_dtype)  # padding, for _padded
 
     def __len__(self) -> int:
         return len(self.hf_ds)
+
+    def __getstate__(self) -> dict:
+        # Workers started by pickling rebuild the column handles: pickled, they would carry the data itself.
+        return {**self.__dict__, "_arrow_columns": None}
+
+    def _row(self, index: int) -> dict:
+        """Row ``index`` as ``hf_ds[index]`` gives it, read straight from the Arrow columns where that is the same.
+
+        ``hf_ds[index]`` runs the ``datasets`` formatting machinery, which after an image decode costs a tenth
+        of a small JPEG's decode; rows of undecoded ``Image`` and plain value columns, with no indices mapping
+        (``select``/``shuffle``) and no format or transform set, are just the columns' Python values.
+        """
+        if self._arrow_columns is None:
+            self._arrow_columns = {}
+            features = self.hf_ds.features
+            names = [n for n in (self.info.image_column, self.info.label_column, self.info.name_column)
+                     if n is not None and n in features]
+            plain = all(isinstance(features[n], datasets.Value)
+                        or (isinstance(features[n], datasets.Image) and not features[n].decode) for n in names)
+            if plain and getattr(self.hf_ds, "_indices", "unknown") is None and self.hf_ds.format["type"] is None:
+                table = self.hf_ds.data
+                self._arrow_columns = {name: table.column(name) for name in names}
+        if not self._arrow_columns:
+            return self.hf_ds[index]
+        return {name: column[index].as_py() for name, column in self._arrow_columns.items()}
 
     def _describe(self, index: int, row: dict | None) -> str:
         text = f"{self.split_name} row {index}"
@@ -1112,18 +1208,20 @@ class _SegmentationSource(torch.utils.data.Dataset):
                 text += f" (label file {label_value['path']})"
         return text
 
-    def _decode(self, index: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
+    def _decode(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Decode and check one sample.
 
         Returns:
-            image (3, H, W) uint8 RGB; label (H, W), ``label_dtype`` or raw uint8 values; and the 256-entry
-            table still to apply to those raw values (``table[label]``), or None when the label is final.
+            image (H, W, 3) or (H, W, 4) uint8 RGB (a 4th channel is unused); label (H, W), raw uint8 values or
+            final values of ``label_dtype``; and the 256-entry table still to apply to raw values
+            (``table[label]``), or None when the label is final. Both arrays may be read-only views of Pillow's
+            memory (see :func:`_pillow_pixels`): copy before writing.
         """
         row = None
         try:
-            row = self.hf_ds[int(index)]
+            row = self._row(int(index))
             what = self._describe(index, row)
-            image = decode_image(row[self.info.image_column], f"{what} image")
+            image = _decode_pixels(row[self.info.image_column], f"{what} image")
             label = _decode_label_values(row[self.info.label_column], f"{what} label")
             if image.shape[:2] != label.shape:
                 raise BadSampleError(
@@ -1144,14 +1242,12 @@ class _SegmentationSource(torch.utils.data.Dataset):
                     if bad.any():
                         shown = sorted(set(self._u8_mapped[bad].tolist()))
                         raise _label_value_error(shown, self.info.num_labels, self.info.ignore_index)
-                values, table = torch.from_numpy(_writable(label)), self._u8_lut
-            else:
-                mapped = torch.from_numpy(_writable(map_labels(label, self.info.label_mapping, self.info.ignore_index)))
-                check_labels(mapped, self.info.num_labels, self.info.ignore_index)
-                values, table = mapped.to(self.label_dtype), None  # checked, so every value fits
+                return image, label, self._u8_lut
+            mapped = map_labels(label, self.info.label_mapping, self.info.ignore_index)
+            check_labels(torch.from_numpy(_writable(mapped)), self.info.num_labels, self.info.ignore_index)
         except LabelValueError as err:
             raise LabelValueError(f"{self._describe(index, row)}: {err}") from None
-        return torch.from_numpy(_writable(image)).permute(2, 0, 1), values, table
+        return image, mapped.astype(self._label_np_dtype, copy=False), None  # checked, so every value fits
 
     def _u8_in_range(self, label: np.ndarray) -> bool:
         if self._u8_range is None:
@@ -1169,21 +1265,97 @@ class _SegmentationSource(torch.utils.data.Dataset):
         return {"skipped": True, "index": index, "reason": str(err)}
 
 
-def _resize_nearest(label: torch.Tensor, size: tuple[int, int], table: np.ndarray | None) -> torch.Tensor:
-    """``label`` (h, w) resized to ``size`` by nearest neighbour and mapped through ``table`` (if given)."""
-    if tuple(label.shape) == size and table is None:
-        return label
-    values = label.numpy()
-    if table is not None and values.size <= size[0] * size[1]:  # map whichever of input and output is smaller
-        values, table = np.take(table, values), None
-    if tuple(values.shape) != size:
-        # Rows by indexing, then columns with take: several times faster than torch's index_select here,
-        # and the result is C-contiguous.
-        rows = values[_nearest_index(values.shape[0], size[0])]
-        values = np.take(rows, _nearest_index(values.shape[1], size[1]), axis=1)
+def _rgbx_window(image: np.ndarray, y0: int, height: int, x0: int, width: int, flip: bool) -> np.ndarray:
+    """``image[y0:y0 + height, x0:x0 + width]``, mirrored left-right if ``flip``, copied to a new array.
+
+    Args:
+        image: (H, W, 3) or (H, W, 4) uint8 RGB, a 4th channel unused.
+
+    Returns:
+        (height, width, 4) uint8, contiguous; the 4th channel is unused (zero when added here). Four bytes a
+        pixel is how Pillow holds RGB and what torch's uint8 resampling works in, and whole pixels copy (and
+        mirror) as uint32 several times faster than byte by byte.
+    """
+    window = image[y0:y0 + height, x0:x0 + width]
+    if flip:
+        window = window[:, ::-1]
+    if window.shape[2] == 4:
+        return np.array(window.view(np.uint32)).view(np.uint8)
+    copy = np.zeros((height, width, 4), dtype=np.uint8)
+    copy[:, :, :3] = window
+    return copy
+
+
+def _resize_rgbx(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(h, w, 4) uint8 contiguous resized to ``size`` bilinearly, antialiased when shrinking: (*size, 4) contiguous."""
+    # Batch dimension added before the permute: only on such a contiguous channels-last input (strides
+    # (h*w*4, 1, w*4, 4)) does torch's uint8 bilinear kernel take its fast path, 2-3 times faster than on a
+    # strided view; its output is channels-last too, so the final contiguous() copies nothing.
+    shrink = size[0] < pixels.shape[0] or size[1] < pixels.shape[1]
+    resized = F.interpolate(torch.from_numpy(pixels)[None].permute(0, 3, 1, 2), size=size, mode="bilinear",
+                            align_corners=False, antialias=shrink)
+    return resized[0].permute(1, 2, 0).contiguous().numpy()
+
+
+def _padded(fill: np.ndarray, size: tuple[int, int], inner: tuple[int, int], mirrored: bool
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """A new array of ``fill.shape[:-2] + size`` holding ``fill`` (broadcast) except in an ``inner`` (h, w)
+    window at the top left, or top right when ``mirrored``; and that window, a view to write the content into.
+    """
+    canvas = np.empty(fill.shape[:-2] + tuple(size), dtype=fill.dtype)
+    (height, width), left = inner, (size[1] - inner[1] if mirrored else 0)
+    if tuple(inner) != tuple(size):
+        canvas[..., height:, :] = fill
+        canvas[..., :height, :left] = fill
+        canvas[..., :height, left + width:] = fill
+    return canvas, canvas[..., :height, left:left + width]
+
+
+# Where R, G and B sit in a 4-byte RGBX pixel read as one native uint32.
+_RGB_SHIFTS = (0, 8, 16) if sys.byteorder == "little" else (24, 16, 8)
+
+
+def _planes(pixels: np.ndarray, size: tuple[int, int], fill: Sequence[int], mirrored: bool) -> torch.Tensor:
+    """(h, w, C) uint8 RGB(X) pixels as a new (3, *size) tensor of planes, padded with the ``fill`` colour below
+    and on the right (on the left when ``mirrored``: the pixels already are).
+
+    The one copy that turns pixels into the planes a batch holds. Whole 4-byte pixels are shifted and
+    truncated as uint32, a plane at a time: twice as fast as moving single bytes (torch's strided copy).
+    """
+    canvas, window = _padded(np.asarray(fill, dtype=np.uint8).reshape(3, 1, 1), size, pixels.shape[:2], mirrored)
+    if pixels.shape[2] == 4 and pixels.strides[1:] == (4, 1):
+        words = pixels.view(np.uint32)[:, :, 0]
+        for plane, shift in zip(window, _RGB_SHIFTS):  # cast to uint8 in the ufunc's buffer: no uint32 temporary
+            np.right_shift(words, shift, out=plane, casting="unsafe")
+    else:
+        np.copyto(window, pixels[:, :, :3].transpose(2, 0, 1))
+    return torch.from_numpy(canvas)
+
+
+def _nearest_label(label: np.ndarray, out: np.ndarray, table: np.ndarray | None, flip: bool) -> None:
+    """Write ``label`` (h, w) resized to ``out``'s size by nearest neighbour, mirrored left-right if ``flip``, and
+    mapped through ``table`` (if given), into ``out``."""
+    (height, width), (out_h, out_w) = label.shape, out.shape
+    if table is not None and label.size <= out.size:  # map whichever of input and output is smaller
+        label, table = np.take(table, label), None
+    rows = _nearest_index(height, out_h) if out_h != height else None
+    cols = _nearest_index(width, out_w) if out_w != width else None
+    if flip and cols is None:
+        label = label[:, ::-1]
+    elif flip:
+        cols = cols[::-1]  # mirrored by the gather itself, at no cost
+    # Rows are copied whole, columns value by value (np.take; several times faster than torch's index_select):
+    # gather the columns on whichever of the input and the output has fewer rows. The last step writes out.
+    steps = [(index, axis) for index, axis in ((rows, 0), (cols, 1)) if index is not None]
+    if len(steps) == 2 and height < out_h:
+        steps.reverse()
+    if table is None and not steps:
+        np.copyto(out, label)
+    for position, (index, axis) in enumerate(steps):
+        last = table is None and position == len(steps) - 1
+        label = np.take(label, index, axis=axis, out=out if last else None, mode="clip")
     if table is not None:
-        values = np.take(table, values)
-    return torch.from_numpy(np.ascontiguousarray(values))
+        np.take(table, label, out=out, mode="clip")
 
 
 class SegmentationTrainDataset(_SegmentationSource):
@@ -1212,7 +1384,6 @@ class SegmentationTrainDataset(_SegmentationSource):
         self.scale_range = (low, high)
         self.seed = int(seed)
         self.epoch = 0
-        self._pad_pixels = torch.tensor(self.pad_rgb, dtype=torch.uint8).view(3, 1, 1)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose augmentations ``__getitem__`` draws.
@@ -1229,47 +1400,45 @@ class SegmentationTrainDataset(_SegmentationSource):
             image, label, table = self._decode(index)
         except BadSampleError as err:
             return self._skipped(index, err)
-        generator = sample_generator(self.seed, self.epoch, int(index))
-        image, label = self._augment(image, label, generator, table)
+        image, label = self._augment(image, label, sample_draws(self.seed, self.epoch, int(index)), table)
         return {"pixel_values": image, "labels": label}
 
-    def _augment(self, image: torch.Tensor, label: torch.Tensor, generator: torch.Generator,
+    def _augment(self, image: np.ndarray, label: np.ndarray, draws: Sequence[int],
                  table: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scale by s, crop, pad and flip ``image`` uint8 (3, H, W) and ``label`` (H, W) together.
+        """Scale by s, crop, pad and flip ``image`` uint8 (H, W, 3 or 4) and ``label`` (H, W) together.
 
         Draws s uniform in ``scale_range``, then the crop's top and left in the image scaled by s (and padded
-        bottom/right to at least the crop), then a flip with probability 1/2. Only the source region under
+        bottom/right to at least the crop), then a flip with probability 1/2, from ``draws`` (four outputs of
+        :func:`sample_draws`) as ``torch.rand`` and ``torch.randint`` would. Only the source region under
         the crop is resized (image bilinear, antialiased when shrinking; label nearest, at the same pixel
         centres): the same as cropping the whole scaled image, up to half a source pixel of rounding.
-        ``table`` maps raw label values (applied to the kept pixels only).
+        ``table`` maps raw label values (applied to the kept pixels only). A 4th image channel is dropped.
+
+        Returns:
+            pixel_values uint8 (3, *crop_size) and labels (*crop_size).
         """
         low, high = self.scale_range
-        scale = low + (high - low) * float(torch.rand((), generator=generator))
+        scale = low + (high - low) * _unit_float32(draws[0])
         height, width = label.shape
         new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
         crop_h, crop_w = self.crop_size
-        top = int(torch.randint(0, max(new_h, crop_h) - crop_h + 1, (), generator=generator))
-        left = int(torch.randint(0, max(new_w, crop_w) - crop_w + 1, (), generator=generator))
-        flip = float(torch.rand((), generator=generator)) < 0.5
+        top = draws[1] % (max(new_h, crop_h) - crop_h + 1)
+        left = draws[2] % (max(new_w, crop_w) - crop_w + 1)
+        flip = _unit_float32(draws[3]) < 0.5
 
         y0, src_h, out_h = _source_window(height, new_h, crop_h, top)
         x0, src_w, out_w = _source_window(width, new_w, crop_w, left)
-        image = image[:, y0:y0 + src_h, x0:x0 + src_w]
-        label = label[y0:y0 + src_h, x0:x0 + src_w]
+        # Mirrored before resampling, which commutes with mirroring (bit for bit with torch's kernel here): the
+        # copy of the window that the kernel's fast path needs anyway does it.
+        pixels = _rgbx_window(image, y0, src_h, x0, src_w, flip)
         if (out_h, out_w) != (src_h, src_w):
-            image = F.interpolate(image[None], size=(out_h, out_w), mode="bilinear", align_corners=False,
-                                  antialias=out_h < src_h or out_w < src_w)[0]
-        label = _resize_nearest(label, (out_h, out_w), table)
-        if (out_h, out_w) != (crop_h, crop_w):
-            # Bottom/right padding: the model's mean colour (its adapter maps it to about 0), labels ignored.
-            canvas = self._pad_pixels.expand(3, crop_h, crop_w).contiguous()
-            canvas[:, :out_h, :out_w] = image
-            padded = torch.full((crop_h, crop_w), self.info.ignore_index, dtype=label.dtype)
-            padded[:out_h, :out_w] = label
-            image, label = canvas, padded
-        if flip:
-            image, label = image.flip(-1), label.flip(-1)
-        return image, label  # possibly strided views of this sample's own arrays: the collate copies once
+            pixels = _resize_rgbx(pixels, (out_h, out_w))
+        # Bottom/right padding (left once mirrored): the model's mean colour (its adapter maps it to about 0),
+        # labels ignored.
+        pixels = _planes(pixels, self.crop_size, self.pad_rgb, flip)
+        labels, window = _padded(self._label_fill, self.crop_size, (out_h, out_w), flip)
+        _nearest_label(label[y0:y0 + src_h, x0:x0 + src_w], window, table, flip)
+        return pixels, torch.from_numpy(labels)
 
 
 class SegmentationEvalDataset(_SegmentationSource):
@@ -1293,16 +1462,18 @@ class SegmentationEvalDataset(_SegmentationSource):
             image, label, table = self._decode(index)
         except BadSampleError as err:
             return self._skipped(index, err)
+        height, width = label.shape
+        size = (height, width)
         if self.short_side is not None:
-            height, width = image.shape[1:]
             factor = self.short_side / min(height, width)
             size = (max(1, round(height * factor)), max(1, round(width * factor)))
-            if size != (height, width):
-                image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False,
-                                      antialias=factor < 1.0)[0]
+        if size != (height, width):
+            image = _resize_rgbx(_rgbx_window(image, 0, height, 0, width, False), size)
+        labels = np.empty((height, width), dtype=self._label_fill.dtype)
+        _nearest_label(label, labels, table, False)  # a copy (Pillow's memory is read-only), mapped if need be
         return {
-            "pixel_values": image,  # possibly a strided view of this sample's own array: the collate copies once
-            "labels": _resize_nearest(label, tuple(label.shape), table),
+            "pixel_values": _planes(image, size, self.pad_rgb, False),  # straight from Pillow's memory if no resize
+            "labels": torch.from_numpy(labels),
             "ignore_index": self.info.ignore_index,
             "pad_rgb": self.pad_rgb,
             "min_size": self.min_size,

@@ -3,6 +3,7 @@
 import argparse
 import io
 import json
+import pickle
 import subprocess
 import sys
 import time
@@ -525,6 +526,51 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index():
     other_seed = data.build_train_dataset(ds, info, crop_size=(32, 32), pad_mean=MEAN, seed=8)
     other_seed.set_epoch(2)
     assert not torch.equal(first[1]["pixel_values"], other_seed[1]["pixel_values"])
+
+
+def test_pixels_shared_with_pillow_equal_a_copy_and_outlive_the_image():
+    rng = np.random.default_rng(0)
+    # 7x5 is shared through Arrow; 2100x2100 RGB (17 MiB) spans several of Pillow's blocks and is copied.
+    for array, mode in [(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8), "RGB"),
+                        (rng.integers(0, 256, (2100, 2100, 3), dtype=np.uint8), "RGB"),
+                        (rng.integers(0, 256, (5, 7), dtype=np.uint8), "L"),
+                        (rng.integers(0, 21, (5, 7), dtype=np.uint8), "P")]:
+        image = Image.fromarray(array, mode=mode)
+        pixels = data._pillow_pixels(image)
+        del image
+        Image.fromarray(255 - array, mode=mode).load()  # memory freed too early would be reused here
+        assert np.array_equal(pixels[..., :3] if mode == "RGB" else pixels, array)
+
+
+def test_rows_read_from_arrow_equal_the_datasets_rows_and_survive_pickling(tmp_path):
+    def split(names: str) -> dict:
+        return {"image": [png_bytes(Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8))) for i in range(3)],
+                "label": [png_bytes(mask(np.full((8, 8), i), "L")) for i in range(3)], "name": list(names)}
+
+    folder = write_dataset(tmp_path / "rows", {"train": split("abc"), "validation": split("def")},
+                           id2label={0: "x", 1: "y", 2: "z"})
+    train, _, info = data.load_splits(data.DataOptions(dataset_name=str(folder)))
+    for ds, direct in ((train, True), (train.select([2, 0]), False)):  # select() maps indices: not direct
+        pipeline = data.build_eval_dataset(ds, info, pad_mean=MEAN)
+        assert [pipeline._row(i) for i in range(len(ds))] == [ds[i] for i in range(len(ds))]
+        assert bool(pipeline._arrow_columns) == direct
+        copy = pickle.loads(pickle.dumps(pipeline))  # as workers started by "spawn" get it
+        assert all(torch.equal(copy[i]["pixel_values"], pipeline[i]["pixel_values"]) for i in range(len(ds)))
+
+
+def test_sample_draws_are_the_numbers_torch_draws_from_sample_generator():
+    # The augmentation reads NumPy's Mersenne Twister instead of a torch.Generator (cheaper in a worker); the
+    # draws must stay those of torch.rand / torch.randint on sample_generator, ranges of one included.
+    triples = [(0, 0, 0), (1, 2, 3), (7, 0, 12345), (0, 99, 2**31 + 5)] + [(3, 1, i) for i in range(60)]
+    for seed, epoch, index in triples:
+        generator = data.sample_generator(seed, epoch, index)
+        ranges = (1, 2 + index % 1000)
+        expected = [float(torch.rand((), generator=generator))]
+        expected += [int(torch.randint(0, n, (), generator=generator)) for n in ranges]
+        expected.append(float(torch.rand((), generator=generator)))
+        draws = data.sample_draws(seed, epoch, index)
+        unit = [(draw & 0xFFFFFF) / 2**24 for draw in draws]  # torch.rand's float32: the low 24 bits
+        assert [unit[0], draws[1] % ranges[0], draws[2] % ranges[1], unit[3]] == expected
 
 
 @pytest.mark.parametrize("mapping, num_labels", [

@@ -203,3 +203,26 @@ def test_a_dead_processs_lock_is_taken_over_and_another_hosts_is_not(tmp_path, c
     assert "taking over the lock of pid 999999999 (since yesterday), which is no longer running" in caplog.text
     assert json.loads(lock.read_text())["pid"] == os.getpid()
     utils.release_locks()
+
+
+def test_a_start_finishes_what_a_killed_run_left_half_done(tmp_path):
+    import train_icsd
+
+    acc = Accelerator(cpu=True)
+    out = tmp_path / "out"
+    args = train_icsd.parse_args(["--dataset", "synthetic", "--output_dir", str(out), "--resume_from_checkpoint",
+                                  "latest"])
+    (out / utils.EXPORT_READY).mkdir(parents=True)  # a complete export, killed while moving in...
+    (out / utils.EXPORT_READY / "model.safetensors").write_text("new")
+    (out / "config.json").write_text("new")  # ...after its config.json, before its weights
+    (out / "model.safetensors").write_text("old")
+    for leftover in (utils.EXPORT_STAGING, "checkpoints/.tmp-step_00000003", "checkpoints/.del-step_00000001"):
+        (out / leftover).mkdir(parents=True)
+        (out / leftover / "model.safetensors").write_text("partial")
+    (out / utils.RUN_FILE).write_text(json.dumps({"run_id": "r1", "settings": utils.run_settings(args)}))
+    run = utils.claim_output_dir(acc, args)
+    assert run.run_id == "r1"  # the same settings: the run continues
+    assert (out / "model.safetensors").read_text() == "new" and (out / "config.json").read_text() == "new"
+    assert sorted(p.name for p in out.rglob("*")) == ["checkpoints", "config.json", "model.safetensors",
+                                                      utils.RUN_FILE, utils.LOCK_FILE]
+    utils.release_locks()

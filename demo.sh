@@ -18,8 +18,9 @@ WORKERS=${WORKERS:-1}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
 launch=(accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no train_icsd.py)
+# --overwrite_output_dir: a second `bash demo.sh` replaces the first one's runs (each folder belongs to one run).
 common=(--dataset synthetic --per_device_train_batch_size 8 --learning_rate 1e-3 --num_warmup_steps 10
-        --dataloader_num_workers "$WORKERS" --seed 0 --logging_steps 25)
+        --dataloader_num_workers "$WORKERS" --seed 0 --logging_steps 25 --overwrite_output_dir)
 
 if [ -z "${TEACHER:-}" ]; then
   echo "== 1/3 teacher: config:segformer-b0, $TEACHER_STEPS steps"

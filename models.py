@@ -26,6 +26,7 @@ from typing import Callable
 
 import huggingface_hub
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -409,7 +410,10 @@ def load_model(
 
     load_kwargs = _resolve_pretrained(name_or_path, revision)
     load_kwargs.update(revision=revision, trust_remote_code=trust_remote_code)
-    config = AutoConfig.from_pretrained(name_or_path, **load_kwargs)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **load_kwargs)
+    except (OSError, ValueError) as err:  # not JSON, no model_type, unreadable
+        raise _damaged(role, name_or_path, "config.json", err) from None
     has_head = _is_segmentation_checkpoint(config)
     ckpt_labels = normalize_id2label(dict(config.id2label)) if getattr(config, "id2label", None) else {}
 
@@ -435,12 +439,36 @@ def load_model(
         )
 
     _set_labels(config, id2label)
-    return AutoModelForSemanticSegmentation.from_pretrained(
-        name_or_path,
-        config=config,
-        ignore_mismatched_sizes=(role == "student"),
-        **load_kwargs,
-    )
+    try:
+        return AutoModelForSemanticSegmentation.from_pretrained(
+            name_or_path,
+            config=config,
+            ignore_mismatched_sizes=(role == "student"),
+            **load_kwargs,
+        )
+    except (OSError, SafetensorError) as err:  # no weights file, a truncated or garbage one
+        raise _damaged(role, name_or_path, _weights_file(name_or_path), err) from None
+
+
+def _weights_file(name_or_path: str) -> str:
+    """The weights file ``from_pretrained`` reads in a folder (for error messages): safetensors first."""
+    folder = Path(name_or_path).expanduser()
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return name
+    return "model.safetensors"
+
+
+def _damaged(role: str, name_or_path: str, file: str, err: BaseException) -> ModelSourceError:
+    """A one-line error naming the model's role, its ``file`` and what is wrong with it."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = lines[0] if lines else type(err).__name__
+    if "no file named" in detail:
+        what = "holds no weights (model.safetensors or pytorch_model.bin)"
+    else:
+        what = f"has a damaged or incomplete {file} ({detail})"
+    return ModelSourceError(f"the {role} {name_or_path!r} {what}: pass a folder written by save_pretrained, or "
+                            "download the model again")
 
 
 def freeze(model: PreTrainedModel) -> PreTrainedModel:

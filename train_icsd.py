@@ -167,6 +167,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="Licence id for the model card, e.g. apache-2.0 (default: the dataset card's license).")
     g.add_argument("--num_pictures", type=int, default=utils_hub.DEFAULT_NUM_PICTURES,
                    help="Validation images drawn in predictions.png and ics.png (0: no pictures).")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Start a new run in --output_dir even if it holds another run's files or files no run "
+                        "wrote (the export is replaced at the end; other files stay).")
 
     args = p.parse_args(argv)
     _resolve_defaults(args)
@@ -564,15 +567,17 @@ def eval_student(accelerator, student, eval_dataloader, info, models_, step: int
 
 def save_model(args, accelerator, student, nets: dict) -> None:
     """The trained student for ``from_pretrained``: weights, config and an image processor that prepares images
-    as evaluation does. Saved before the final evaluation, which then measures exactly this model."""
+    as evaluation does, moved into place all or nothing. Saved before the final evaluation, which then measures
+    exactly this model."""
     utils.check_finite_model(student, "the final model")
     accelerator.wait_for_everyone()
-    accelerator.unwrap_model(student).save_pretrained(
-        args.output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
-        state_dict=accelerator.get_state_dict(student))
-    if accelerator.is_main_process:
-        utils_hub.evaluation_processor(nets["processor"], args.eval_short_side).save_pretrained(args.output_dir)
-    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(student)
+    state_dict = accelerator.get_state_dict(student)  # every process takes part (the student may be sharded)
+    with utils.ExportWriter(accelerator, args.output_dir, utils.state_bytes(unwrapped) + 2**20) as staging:
+        if accelerator.is_main_process:
+            unwrapped.save_pretrained(staging, save_function=accelerator.save, state_dict=state_dict)
+            utils_hub.evaluation_processor(nets["processor"], args.eval_short_side).save_pretrained(staging)
+            utils_hub.make_readable(staging)
 
 
 def save_card(args, accelerator, student, nets: dict, loaders, eval_hf, info, results: dict) -> None:
@@ -580,24 +585,26 @@ def save_card(args, accelerator, student, nets: dict, loaders, eval_hf, info, re
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(student)
     # Every process draws the pictures' predictions (as in evaluate, the student may be sharded); the main
-    # process writes.
+    # process writes, into a staging folder moved in beside the model once complete (all or nothing).
     roles = {"student": (unwrapped, nets["student_adapter"])}
     if nets["teacher"] is not None:
         roles["teacher"] = (nets["teacher"], nets["teacher_adapter"])
     rows = picture_rows(accelerator, roles, loaders.eval_ds, eval_hf, info, args.num_pictures, args.temperature)
-    if accelerator.is_main_process:
-        with open(Path(args.output_dir) / utils_hub.RESULTS_FILE, "w") as f:
-            json.dump(results, f, indent=2)
-        teacher = nets["teacher"]
-        utils_hub.export_folder(
-            args.output_dir, args=args, info=info, results=results, processor=nets["processor"], rows=rows,
-            argv=sys.argv, student=utils_hub.describe_model(args.student_model_name_or_path, unwrapped),
-            teacher=utils_hub.describe_model(args.teacher_model_name_or_path, teacher) if teacher is not None else None,
-            dataset=utils_hub.describe_dataset(info, str(getattr(eval_hf, "split", None) or "validation"),
-                                               len(loaders.eval_ds), args.max_eval_samples is not None))
-        if args.push_to_hub:
-            utils_hub.push_to_hub(args.output_dir, args.hub_model_id, private=args.hub_private_repo,
-                                  commit_message=f"AICSD student ({args.distill})")
+    with utils.ExportWriter(accelerator, args.output_dir, 2**20, keep_others=True) as staging:
+        if accelerator.is_main_process:
+            with open(staging / utils_hub.RESULTS_FILE, "w") as f:
+                json.dump(results, f, indent=2)
+            teacher = nets["teacher"]
+            facts = None if teacher is None else utils_hub.describe_model(args.teacher_model_name_or_path, teacher)
+            utils_hub.export_folder(
+                staging, args=args, info=info, results=results, processor=nets["processor"], rows=rows,
+                argv=sys.argv, student=utils_hub.describe_model(args.student_model_name_or_path, unwrapped),
+                teacher=facts,
+                dataset=utils_hub.describe_dataset(info, str(getattr(eval_hf, "split", None) or "validation"),
+                                                   len(loaders.eval_ds), args.max_eval_samples is not None))
+    if args.push_to_hub and accelerator.is_main_process:
+        utils_hub.push_to_hub(args.output_dir, args.hub_model_id, private=args.hub_private_repo,
+                              commit_message=f"AICSD student ({args.distill})")
     accelerator.wait_for_everyone()
 
 
@@ -619,8 +626,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     utils.one_line_warnings()
     set_seed(args.seed)
     utils.install_stop_handlers()
-    if accelerator.is_main_process:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    run = utils.claim_output_dir(accelerator, args)  # writable, locked, not another run's: before anything else
 
     # Load dataset
     train_hf, eval_hf, info = data.load_splits(data.DataOptions.from_args(args))
@@ -653,8 +659,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             logger.info(f"teacher: {utils.format_metrics(results, 'teacher_eval_')}")
 
     # Resume
-    resume_from = utils.resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    state = utils.load_checkpoint(accelerator, resume_from, len(loaders.train)) if resume_from else utils.TrainState()
+    state = utils.resume_or_start(accelerator, run, args.resume_from_checkpoint, len(loaders.train))
 
     # Train!
     total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps

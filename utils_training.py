@@ -11,41 +11,61 @@ What is here, in the order the script meets it:
 * :class:`LossTracker`: the loss terms of each micro-batch kept on the device, non-finite flags included,
   with one small all-reduce per optimizer step so that every process takes the same decision;
   :class:`BufferSnapshot`: a skipped step leaves the BatchNorm statistics as they were;
-* :class:`TrainState`, :func:`save_checkpoint`, :func:`resolve_resume`, :func:`load_checkpoint`: atomic
-  checkpoints, rotation and resume; :func:`check_finite_model`: a NaN/Inf parameter or buffer is never saved;
+* :func:`claim_output_dir`: one run per output folder (``run.json``), one process at a time (``run.lock``),
+  a writable folder, all checked before anything else;
+* :class:`ExportWriter`, :func:`save_checkpoint`: the export and checkpoints written all or nothing; a full
+  disk is one line naming the folder and the bytes needed;
+* :class:`TrainState`, :func:`resume_or_start`, :func:`load_checkpoint`: resume, past damaged checkpoints
+  to the newest whole one of this run;
+* :func:`check_finite_model`: a NaN/Inf parameter or buffer is never saved;
 * :class:`MetricLogger`: trackers and the ``--log_file`` JSON lines;
 * :func:`confusion_matrix` / :func:`metrics_from_confusion`: the evaluation metrics.
 
-It imports torch, accelerate and (for one folder name) utils_hub.
+It imports torch, accelerate and (for folder and file names) utils_hub.
 """
 
 from __future__ import annotations
 
+import argparse
 import atexit
+import errno
+import fnmatch
 import gc
+import hashlib
+import itertools
 import json
 import math
 import multiprocessing
 import os
 import pickle
+import random
 import re
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.utils import broadcast_object_list, gather_object
 from torch.utils.data import Sampler
 
-from utils_hub import CHECKPOINT_DIR  # the one name of the folder that a push leaves out
+from utils_hub import CHECKPOINT_DIR, TRACKER_DIR, UPLOAD_PATTERNS, source_kind
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: output folders are not locked
+    fcntl = None
 
 logger = get_logger(__name__)
 
@@ -350,6 +370,413 @@ def format_train_log(step: int, total: int, logs: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The output folder: one run per folder, one process at a time, writes that fail in one line
+# ---------------------------------------------------------------------------------------------------------
+RUN_FILE = "run.json"  # the record of the run that owns the folder: its id and the settings that define it
+LOCK_FILE = "run.lock"  # pid and host of the process writing to the folder, while it runs
+EXPORT_STAGING = ".export-tmp"  # the export while it is written
+EXPORT_READY = ".export-ready"  # a complete export while it is moved into place
+# The flags that define a run: resuming with other values would not continue the same training.
+RUN_SETTINGS = (
+    "distill", "lambda_ics", "lambda_kd", "lambda_cwd", "lambda_ickd", "temperature", "alw_granularity",
+    "student_model_name_or_path", "teacher_model_name_or_path",
+    "dataset", "dataset_name", "dataset_config_name", "train_split", "validation_split", "max_train_samples",
+    "crop_size", "seed",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
+    "learning_rate", "weight_decay", "lr_scheduler_type", "num_warmup_steps",
+)
+WRITE_FAILED = "the write failed"  # torch.save's writer reports no errno
+_LOCKS: dict[Path, int] = {}  # lock file -> the descriptor holding its lock, in this process
+
+
+class OutputError(UsageError):
+    """The output folder cannot be used: not writable, full, or in use by another run."""
+
+
+def run_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The values of :data:`RUN_SETTINGS` in ``args``, as ``run.json`` stores them.
+
+    A local folder is recorded by its name and a fingerprint of its absolute path, never the path itself
+    (nothing in the output folder names this machine's paths); the teacher only when the objective uses it.
+    """
+    settings = {}
+    for name in RUN_SETTINGS:
+        value = getattr(args, name, None)
+        if name == "teacher_model_name_or_path" and args.distill == "none":
+            value = None
+        if isinstance(value, str) and source_kind(value) == "local":
+            path = Path(value).expanduser().resolve()
+            value = f"local folder {path.name} #{hashlib.sha256(str(path).encode()).hexdigest()[:10]}"
+        settings[name] = value
+    return json.loads(json.dumps(settings))  # tuples as lists, as a reread run.json holds them
+
+
+def settings_differences(ours: dict, theirs: dict) -> list[str]:
+    """``--flag A here, B there`` for each setting both record with different values."""
+    return [f"--{name} {ours[name]} here, {theirs[name]} there" for name in RUN_SETTINGS
+            if name in ours and name in theirs and ours[name] != theirs[name]]
+
+
+@dataclass
+class Run:
+    """The run this process belongs to (:func:`claim_output_dir`): its folder, settings and id."""
+
+    output_dir: Path
+    settings: dict
+    run_id: str | None  # None until resume takes the id of the checkpoint it continues (copied checkpoints)
+
+    def record(self) -> dict:
+        return {"run_id": self.run_id, "settings": self.settings}
+
+
+def read_run(output_dir: str | Path) -> dict | None:
+    """The record in ``output_dir/run.json`` (``run_id``, ``settings``), None without one; ValueError if unreadable."""
+    path = Path(output_dir) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(str(err)) from None
+    if not isinstance(record, dict) or not isinstance(record.get("settings"), dict) or not record.get("run_id"):
+        raise ValueError("no run_id and settings in it")
+    return record
+
+
+def claim_output_dir(accelerator: Accelerator, args: argparse.Namespace) -> Run:
+    """Take ``--output_dir`` for this run, before anything else is done, or raise a one-line error.
+
+    The main process creates and locks the folder (``run.lock`` with its pid and host: a second run on the folder
+    is refused; the lock of a dead process of this host is taken over with a warning), which also proves the
+    folder writable; finishes what a killed run left half done; and decides from what the folder holds
+    (:func:`_decide`). Every process learns the decision before going on.
+    """
+    settings = run_settings(args)
+    decision, failure = ("ok", None), None
+    if accelerator.is_main_process:
+        try:
+            decision = ("ok", _claim(Path(args.output_dir), settings, args))
+        except Exception as err:
+            decision, failure = (type(err).__name__, one_line(err)), err
+    if accelerator.num_processes > 1:
+        shared = [decision]
+        broadcast_object_list(shared, from_process=0)
+        decision = shared[0]
+    if failure is not None:
+        raise failure
+    kind, value = decision
+    if kind != "ok":
+        raise (OutputError if kind == "OutputError" else UsageError)(value)
+    return Run(Path(args.output_dir), settings, value)
+
+
+def _claim(out: Path, settings: dict, args: argparse.Namespace) -> str | None:
+    """The main process's part of :func:`claim_output_dir`; returns the run id (None: adopt the checkpoint's)."""
+    for flag in ("teacher_model_name_or_path", "student_model_name_or_path", "dataset_name"):
+        source = getattr(args, flag, None)
+        if source and Path(source).expanduser().is_dir() and Path(source).expanduser().resolve() == out.resolve():
+            raise UsageError(f"--output_dir {out} is the folder of --{flag}: this run would write over what it "
+                             "reads; choose another --output_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"--output_dir {out}: cannot create it ({err.strerror or err}); choose a writable "
+                          "folder") from None
+    _lock(out)
+    _finish_interrupted_writes(out)
+    return _decide(out, settings, args.resume_from_checkpoint, getattr(args, "overwrite_output_dir", False))
+
+
+def _decide(out: Path, settings: dict, resume: str | None, overwrite: bool) -> str | None:
+    """Whose folder ``out`` is: the run recorded in ``run.json`` (resumed only with the same settings, otherwise
+    refused while it left checkpoints or an export), files no run of ours wrote (refused), or checkpoints without
+    a record (resumed from, adopting their run). ``overwrite`` starts a new run whatever the folder holds."""
+    new_id = uuid.uuid4().hex
+    try:
+        previous = read_run(out)
+    except ValueError as err:
+        if not overwrite:
+            raise UsageError(f"{out / RUN_FILE} cannot be read ({err}): pass --overwrite_output_dir to start a new "
+                             f"run in {out}, or choose another --output_dir") from None
+        previous = None
+    if previous is not None:
+        differences = settings_differences(settings, previous["settings"])
+        if resume is not None and not differences:
+            return previous["run_id"]  # the same run, continued
+        summary = "; ".join(differences[:3]) if differences else "with the same settings"
+        if overwrite:
+            left = [f"its {len(found)} checkpoint(s) stay but are no longer used"
+                    for found in [list_checkpoints(out, previous["run_id"])] if found]
+            left += ["its export is replaced at the end"] if _export_files(out) else []
+            logger.warning(f"--overwrite_output_dir: {out} held another run ({summary})"
+                           + "".join(f"; {part}" for part in left))
+            return new_id
+        if resume is not None:
+            raise UsageError(f"--resume_from_checkpoint {resume}: the run in {out} had other settings: "
+                             f"{'; '.join(differences)}; resume with its settings, or pass --overwrite_output_dir "
+                             "to start a new run there")
+        if list_checkpoints(out, previous["run_id"]) or _export_files(out):
+            raise UsageError(f"--output_dir {out} holds another run ({summary}): pass --resume_from_checkpoint "
+                             "latest to continue it, --overwrite_output_dir to replace it, or choose another "
+                             "--output_dir")
+        return new_id  # that run stopped before writing anything worth keeping
+    foreign = sorted(p.name for p in out.iterdir()
+                     if not p.name.startswith(".") and p.name not in (LOCK_FILE, TRACKER_DIR, CHECKPOINT_DIR))
+    checkpoints = list_checkpoints(out)
+    if overwrite:
+        if foreign or checkpoints:
+            logger.warning(f"--overwrite_output_dir: writing into {out}, which holds files of no run of this one "
+                           f"({', '.join(foreign + [CHECKPOINT_DIR] * bool(checkpoints))})")
+        return new_id
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+        raise UsageError(f"--output_dir {out} holds files this run did not write ({shown}): it may be a model, a "
+                         "dataset or another project; choose an empty or new folder, or pass --overwrite_output_dir "
+                         "to write into it anyway")
+    if checkpoints and resume is None:
+        raise UsageError(f"--output_dir {out} holds checkpoints of a run it has no record of ({checkpoints[-1].name}"
+                         f"{', ...' if len(checkpoints) > 1 else ''}): pass --resume_from_checkpoint latest to "
+                         "continue from them, --overwrite_output_dir to start a new run there, or choose another "
+                         "--output_dir")
+    return None if checkpoints else new_id
+
+
+def _export_files(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.is_file() and _is_export_file(p.name))
+
+
+def _is_export_file(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in UPLOAD_PATTERNS)
+
+
+def _is_weights(name: str) -> bool:
+    return name.endswith(".safetensors") or name.startswith(("model.safetensors.index", "pytorch_model"))
+
+
+def _lock(out: Path) -> None:
+    """Hold ``out/run.lock`` until this process exits, or raise a one-line error.
+
+    A POSIX record lock: the kernel drops it when the process dies (however), DataLoader workers forked later
+    do not inherit it, and it works on NFS. The file says who holds it; at exit it is deleted.
+    """
+    if fcntl is None:  # not POSIX: no lock
+        return
+    path = out / LOCK_FILE
+    host = socket.gethostname()
+    for _ in range(10):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise OutputError(f"--output_dir {out}: cannot write there ({err.strerror or err}); choose a writable "
+                              "folder") from None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise OutputError(f"--output_dir {out} is in use by another run (pid {holder.get('pid', '?')} on "
+                              f"{holder.get('host', '?')}, since {holder.get('started', '?')}): wait for it to end, "
+                              "or choose another --output_dir") from None
+        try:  # the holder deletes the file as it exits: make sure the locked file is the one at the path
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            continue
+        holder = _lock_holder(fd)
+        if holder and holder.get("host") != host:
+            os.close(fd)
+            raise OutputError(f"{path} names pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, which "
+                              f"cannot be checked from {host}: if that run has ended, delete {path}")
+        if holder:
+            logger.warning(f"{path}: taking over the lock of pid {holder.get('pid', '?')} (since "
+                           f"{holder.get('started', '?')}), which is no longer running")
+        me = {"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        try:
+            os.ftruncate(fd, 0)
+            data, offset = json.dumps(me).encode(), 0
+            while offset < len(data):  # a write cut short by a full disk fails on the next one
+                offset += os.pwrite(fd, data[offset:], offset)
+            os.fsync(fd)
+        except OSError as err:
+            path.unlink(missing_ok=True)
+            os.close(fd)
+            raise OutputError(f"--output_dir {out}: cannot write there ({err.strerror or err}); choose a writable "
+                              "folder") from None
+        if not _LOCKS:
+            atexit.register(release_locks)
+        _LOCKS[path] = fd
+        return
+    raise OutputError(f"{path}: could not take the lock (another run keeps taking it)")
+
+
+def _lock_holder(fd: int) -> dict:
+    try:
+        text = os.pread(fd, 4096, 0).decode()
+        return json.loads(text) if text.strip() else {}
+    except (OSError, ValueError):
+        return {"pid": "unknown (unreadable lock file)"}
+
+
+def release_locks() -> None:
+    """Delete and unlock the lock files this process holds (at exit)."""
+    for path, fd in list(_LOCKS.items()):
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        os.close(fd)
+        del _LOCKS[path]
+
+
+def _finish_interrupted_writes(out: Path) -> None:
+    """Complete or clear what a killed run left half done: a checkpoint rotation (``.del-*``), a checkpoint save
+    (``.tmp-*``), an export being written (``.export-tmp``) or being moved into place (``.export-ready``)."""
+    root = out / CHECKPOINT_DIR
+    for stale in [*root.glob(".del-*"), *root.glob(".tmp-*"), out / EXPORT_STAGING]:
+        shutil.rmtree(stale, ignore_errors=True)
+    if (out / EXPORT_READY).is_dir():
+        logger.warning(f"{out}: finishing the export that an interrupted run was moving into place")
+        _move_export(out / EXPORT_READY, out)
+
+
+def _write_json(path: Path, obj: object) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (a temporary file, then a rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writes that fail (a full disk, a quota, a read-only folder): one line on every process
+# ---------------------------------------------------------------------------------------------------------
+def state_bytes(model: torch.nn.Module) -> int:
+    """Bytes of ``model``'s parameters and buffers: about what its weights take on disk."""
+    return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def write_failure(err: BaseException) -> str | None:
+    """Why a write failed (``"No space left on device"``, ...), or None when ``err`` is no write failure."""
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    text = str(err)
+    found = re.search(r"\(os error (\d+)\)", text)  # safetensors' I/O errors
+    if found:
+        return os.strerror(int(found.group(1)))
+    if "inline_container.cc" in text or "PytorchStreamWriter" in text:  # torch.save's, without the errno
+        return WRITE_FAILED
+    return None
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _after_write(accelerator: Accelerator, error: BaseException | None, what: str, folder: Path, needed: int,
+                 cleanup: Path | None = None) -> None:
+    """Agree with every process on whether a write failed; if one did, remove ``cleanup`` and raise on all.
+
+    A write failure becomes :class:`OutputError` naming ``folder`` and the ``needed`` bytes; any other error is
+    raised as it is on its process (a bug keeps its traceback).
+    """
+    reason = None if error is None else (write_failure(error) or "")
+    reasons = [reason] if accelerator.num_processes == 1 else gather_object([reason])
+    failed = [(index, r) for index, r in enumerate(reasons) if r is not None]
+    if not failed:
+        return
+    if cleanup is not None and accelerator.is_main_process:
+        shutil.rmtree(cleanup, ignore_errors=True)
+    if error is not None and not reason:
+        raise error
+    index, reason = (accelerator.process_index, reason) if error is not None else failed[0]
+    if not reason:
+        raise OutputError(f"process {index} failed while writing {what} to {folder} (its error is above)")
+    try:
+        free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
+    except OSError:
+        free = None
+    if reason == WRITE_FAILED and free is not None and free < needed:
+        reason = os.strerror(errno.ENOSPC)
+    room = f"; {_mb(free)} free there" if free is not None else ""
+    raise OutputError(f"cannot write {what} to {folder}: {reason} (it needs about {_mb(needed)}{room}); free some "
+                      "space or choose another --output_dir, then resume with --resume_from_checkpoint latest")
+
+
+class ExportWriter:
+    """``with ExportWriter(accelerator, output_dir, needed_bytes) as staging:`` the main process writes the
+    export into ``staging`` (``OUTPUT/.export-tmp``); on leaving, the complete export is moved into ``OUTPUT``
+    (:func:`publish_export`). All or nothing: a write that fails (a full disk, a quota, a read-only folder)
+    removes the staging folder, leaves ``OUTPUT`` as it was and raises :class:`OutputError` on every process,
+    naming the folder and the bytes the export needs. Every process enters and leaves it: they agree on the outcome.
+    """
+
+    def __init__(self, accelerator: Accelerator, output_dir: str | Path, needed_bytes: int,
+                 keep_others: bool = False) -> None:
+        self.accelerator, self.out, self.needed = accelerator, Path(output_dir), needed_bytes
+        self.keep_others = keep_others  # True: the files join the export (the card after the model), not replace it
+        self.staging = self.out / EXPORT_STAGING
+        self.error: BaseException | None = None
+
+    def __enter__(self) -> Path:
+        if self.accelerator.is_main_process:
+            try:
+                shutil.rmtree(self.staging, ignore_errors=True)
+                self.staging.mkdir(parents=True)
+            except OSError as err:
+                self.error = err
+        return self.staging
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        error = self.error or exc
+        if error is None and self.accelerator.is_main_process:
+            try:
+                publish_export(self.staging, self.out, self.keep_others)
+            except Exception as err:
+                error = err
+        _after_write(self.accelerator, error, "the export", self.out, self.needed, cleanup=self.staging)
+        return False
+
+
+def publish_export(staging: Path, out: Path, keep_others: bool = False) -> None:
+    """Move the complete export in ``staging`` into ``out``, never showing new files beside old weights.
+
+    ``staging`` is renamed ``.export-ready`` first (from then on an interrupted move is finished at the next
+    start); the previous export's files that the new one lacks are deleted (unless ``keep_others``: files that
+    join an export already in place); then :func:`_move_export`.
+    """
+    ready = out / EXPORT_READY
+    shutil.rmtree(ready, ignore_errors=True)
+    new = {p.name for p in staging.iterdir()}
+    stale = [] if keep_others else [
+        p for p in out.iterdir() if p.is_file() and _is_export_file(p.name) and p.name not in new]
+    os.replace(staging, ready)
+    for path in stale:
+        path.unlink(missing_ok=True)
+    _move_export(ready, out)
+
+
+def _move_export(ready: Path, out: Path) -> None:
+    """Rename the files of ``ready`` into ``out``: the previous weights are deleted first and the new weights
+    come last, so a folder caught midway holds no weights (it fails to load, loudly) rather than a new
+    config.json beside old weights."""
+    names = sorted((p.name for p in ready.iterdir()), key=_is_weights)
+    if any(_is_weights(name) for name in names):
+        for path in out.iterdir():
+            if path.is_file() and _is_weights(path.name):
+                path.unlink()
+    for name in names:
+        _fsync_dir(ready / name)
+        os.replace(ready / name, out / name)
+    # Not _fsync_dir(out): opening and closing run.lock would drop this process's lock on it (POSIX locks).
+    _fsync_dir(out, files=False)
+    shutil.rmtree(ready)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Checkpoints: written to a hidden folder, then renamed, so `latest` never picks a half-written one
 # ---------------------------------------------------------------------------------------------------------
 @dataclass
@@ -370,13 +797,38 @@ class TrainState:
 _CKPT_RE = re.compile(r"^step_(\d+)$")
 
 
-def list_checkpoints(output_dir: str) -> list[Path]:
-    """The complete checkpoints under ``output_dir/checkpoints``, oldest first."""
+def _step(path: Path) -> int:
+    return int(_CKPT_RE.match(path.name).group(1))
+
+
+def _recorded_run_id(path: Path) -> str | None:
+    """The run id a checkpoint's state file records; None when it records none or cannot be read."""
+    try:
+        return (json.loads((path / STATE_FILE).read_text()).get("run") or {}).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def list_checkpoints(output_dir: str | Path, run_id: str | None = None) -> list[Path]:
+    """The complete checkpoints under ``output_dir/checkpoints`` (their state file written), oldest first.
+
+    With ``run_id``, only that run's, and those whose state file cannot be read (resume reports them as
+    damaged; rotation leaves them alone).
+    """
     root = Path(output_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _CKPT_RE.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(_CKPT_RE.match(p.name).group(1)))
+    if run_id is not None:
+        found = [p for p in found if _recorded_run_id(p) == run_id or _unreadable_state(p)]
+    return sorted(found, key=_step)
+
+
+def _unreadable_state(path: Path) -> bool:
+    try:
+        return not isinstance(json.loads((path / STATE_FILE).read_text()), dict)
+    except (OSError, ValueError):
+        return True
 
 
 def first_nonfinite(model: torch.nn.Module) -> str | None:
@@ -399,37 +851,76 @@ def check_finite_model(model: torch.nn.Module, what: str) -> None:
 
 def save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, output_dir: str, state: dict,
                     total_limit: int | None) -> Path:
-    """Save the full training state as ``checkpoints/step_XXXXXXXX`` atomically; keep the newest ``total_limit``."""
+    """Save the full training state as ``checkpoints/step_XXXXXXXX`` atomically; keep this run's newest ``total_limit``.
+
+    Written to a hidden ``.tmp-`` folder, ``training_state.json`` last (with the run's record from ``run.json``
+    and the number of processes), then renamed. A write that fails (a full disk, a quota) removes the hidden
+    folder and raises :class:`OutputError` on every process, naming the folder and the bytes a checkpoint
+    needs; the previous checkpoints stay. Rotation counts this run's checkpoints up to this step only; each is
+    renamed ``.del-...`` before it is deleted, so a kill midway leaves nothing half deleted for ``latest`` (the
+    next save or start finishes it off).
+    """
     check_finite_model(model, f"the checkpoint of step {state['completed_steps']}")
     root = Path(output_dir) / CHECKPOINT_DIR
     final = root / f"step_{state['completed_steps']:08d}"
     tmp = root / f".tmp-{final.name}"
+    what = f"the checkpoint of step {state['completed_steps']}"
+    needed = 3 * state_bytes(accelerator.unwrap_model(model)) + 2**20  # weights and AdamW's two moments
+    error = None
     if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError as err:
+            error = err
+    _after_write(accelerator, error, what, root, needed)
+    try:
+        accelerator.save_state(str(tmp))
+    except Exception as err:
+        error = err
+    _after_write(accelerator, error, what, root, needed, cleanup=tmp)
+    run = None
     if accelerator.is_main_process:
-        # The state file goes last: a folder without it is never taken for a checkpoint.
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
+        try:
+            run = read_run(output_dir)
+        except ValueError:
+            run = None
+        try:
+            # The state file goes last: a folder without it is never taken for a checkpoint.
+            record = {**state, "num_processes": accelerator.num_processes, "run": run}
+            (tmp / STATE_FILE).write_text(json.dumps(record, indent=2))
+            _fsync_dir(tmp)
+            if final.exists():
+                _delete_checkpoint(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+        except Exception as err:
+            error = err
+    _after_write(accelerator, error, what, root, needed, cleanup=tmp)
+    if accelerator.is_main_process:
         if total_limit is not None:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
-                (old / STATE_FILE).unlink()  # first: a half-deleted folder is then never taken for a checkpoint
-                shutil.rmtree(old, ignore_errors=True)
-        for stale in root.glob(".tmp-*"):
+            run_id = run["run_id"] if run else None
+            mine = [p for p in list_checkpoints(output_dir, run_id) if _step(p) <= _step(final)
+                    and (run_id is None or _recorded_run_id(p) == run_id)]
+            for old in mine[:-total_limit]:
+                _delete_checkpoint(old)
+        for stale in [*root.glob(".tmp-*"), *root.glob(".del-*")]:
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
-def _fsync_dir(path: Path) -> None:
-    for f in [path, *path.iterdir()] if path.is_dir() else [path]:
+def _delete_checkpoint(path: Path) -> None:
+    """Rename ``path`` to ``.del-<name>`` (atomic: it stops being a checkpoint at once), then delete it."""
+    doomed = path.with_name(f".del-{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _fsync_dir(path: Path, files: bool = True) -> None:
+    """Flush ``path`` (a file, or a folder and, with ``files``, the files in it) to disk, as far as possible."""
+    for f in [path, *path.iterdir()] if path.is_dir() and files else [path]:
         try:
             fd = os.open(f, os.O_RDONLY)
             os.fsync(fd)
@@ -438,20 +929,153 @@ def _fsync_dir(path: Path) -> None:
             pass
 
 
-def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> Path | None:
-    """The checkpoint folder ``--resume_from_checkpoint`` names (``latest``: the newest in ``output_dir``)."""
+def checkpoint_candidates(resume_from_checkpoint: str | None, output_dir: str | Path,
+                          run_id: str | None = None) -> list[Path]:
+    """The checkpoints ``--resume_from_checkpoint`` may resume from, in the order to try them: the named one,
+    or for ``latest`` the complete checkpoints of run ``run_id`` (any run's when None) in ``output_dir``, newest
+    first. Empty without the flag, or (with a warning) when ``latest`` finds none."""
     if resume_from_checkpoint is None:
-        return None
+        return []
     if resume_from_checkpoint == "latest":
-        found = list_checkpoints(output_dir)
+        found = list_checkpoints(output_dir, run_id)
         if not found:
             logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}; starting fresh")
-            return None
-        return found[-1]
+        return found[::-1]
     path = Path(resume_from_checkpoint)
     if not (path / STATE_FILE).is_file():
         raise UsageError(f"--resume_from_checkpoint {path}: not a complete checkpoint folder (no {STATE_FILE})")
-    return path
+    return [path]
+
+
+def _refused_pickle(err: BaseException) -> str | None:
+    """torch.load(weights_only=True)'s refusal of a pickle that would build objects (run code), in one line."""
+    if not isinstance(err, pickle.UnpicklingError):
+        return None
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = next((line for line in lines if "GLOBAL" in line), None)
+    return f"a pickle that torch.load(weights_only=True) refuses: {detail}" if detail else None
+
+
+def _reading_error(err: BaseException) -> str:
+    """What went wrong reading a file, in a short line (torch's messages run to paragraphs of advice)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    detail = next((line for line in lines if not line.startswith(advice)), type(err).__name__)
+    if len(detail) > 160 and ". " in detail:
+        detail = detail[: detail.index(". ") + 1]
+    return detail
+
+
+def _check_rng_states(states: dict) -> None:
+    """Raise if ``states`` (a ``random_states_N.pkl``) cannot restore every generator; Accelerate's load_state
+    would only log that at INFO and go on with other random numbers. Checked on fresh generators."""
+    random.Random().setstate(states["random_state"])
+    np.random.RandomState().set_state(states["numpy_random_seed"])
+    torch.Generator().set_state(states["torch_manual_seed"])
+    if torch.cuda.is_available():
+        cuda = states.get("torch_cuda_manual_seed")
+        if cuda is None:
+            logger.warning("the checkpoint holds no CUDA generator states (saved without a GPU): they start from "
+                           "the seed", main_process_only=False)
+        elif not all(torch.is_tensor(s) and s.dtype == torch.uint8 for s in cuda):
+            raise ValueError("torch_cuda_manual_seed holds no generator states")
+
+
+def checkpoint_problem(path: Path, accelerator: Accelerator) -> tuple[str, str] | None:
+    """Why this process cannot resume from ``path``, found without changing any state.
+
+    ``("damaged", what)`` for a missing, truncated or unreadable file (the state file, the weights' header, the
+    optimizer state when one was prepared, this process's RNG states); ``("refused", what)`` for a pickle that
+    torch.load(weights_only=True) refuses; None when every file this process reads is whole.
+    """
+    from accelerate.utils import load as accelerate_load
+    from safetensors import safe_open
+
+    try:
+        saved = json.loads((path / STATE_FILE).read_text())
+        if not all(isinstance(saved.get(k), int) for k in ("completed_steps", "epoch", "batches_in_epoch")):
+            return "damaged", f"{STATE_FILE} lacks the step counters"
+    except (OSError, ValueError, AttributeError) as err:
+        return "damaged", f"{STATE_FILE}: {_reading_error(err)}"
+    weights = path / "model.safetensors"
+    if weights.is_file():
+        try:
+            with safe_open(str(weights), framework="pt"):
+                pass
+        except Exception as err:  # the header promises more bytes than the file holds, or is garbage
+            return "damaged", f"model.safetensors: {_reading_error(err)}"
+    elif not any(path.glob("pytorch_model*")):
+        return "damaged", "no model weights"
+    process_index = accelerator.process_index
+    rng = f"random_states_{process_index}.pkl"
+    for name in ("optimizer.bin", rng):
+        file = path / name
+        if not file.is_file():
+            if name == "optimizer.bin" and (not accelerator._optimizers or any(path.glob("optimizer_*"))):
+                continue  # no optimizer to restore, or a sharded one (FSDP)
+            if name == rng and process_index >= saved.get("num_processes", 1):
+                logger.warning(f"{path} was saved by {saved.get('num_processes', 1)} process(es): process "
+                               f"{process_index} starts its random generators from the seed", main_process_only=False)
+                continue
+            return "damaged", f"{name} is missing"
+        try:
+            loaded = accelerate_load(file, map_location="cpu")
+            if name == rng:
+                _check_rng_states(loaded)
+        except Exception as err:
+            refused = _refused_pickle(err)
+            if refused:
+                return "refused", refused
+            return "damaged", f"{name}: {_reading_error(err)}"
+    return None
+
+
+def resume_or_start(accelerator: Accelerator, run: Run, resume_from_checkpoint: str | None,
+                    batches_per_epoch: int) -> TrainState:
+    """Resume as ``--resume_from_checkpoint`` says (or start at step 0), then record the run in ``run.json``.
+
+    Every process checks the files it will read (:func:`checkpoint_problem`) and all agree. With ``latest``, a
+    damaged checkpoint is passed over with a warning naming it, for the one before it; none complete is a
+    one-line error. A named checkpoint must be whole; a refused pickle is an error either way; a checkpoint
+    whose run had other settings is an error naming them.
+    """
+    state = TrainState()
+    broken = []
+    candidates = checkpoint_candidates(resume_from_checkpoint, run.output_dir, run.run_id)
+    for path in candidates:
+        problem = checkpoint_problem(path, accelerator)
+        if accelerator.num_processes > 1:
+            problems = [p for p in gather_object([problem]) if p is not None]
+            problem = next((p for p in problems if p[0] == "refused"), problems[0] if problems else None)
+        if problem is not None:
+            if problem[0] == "refused" or resume_from_checkpoint != "latest":
+                raise UsageError(f"--resume_from_checkpoint {path}: cannot load it ({problem[1]}); resume from "
+                                 "another checkpoint or start afresh")
+            logger.warning(f"checkpoint {path} is damaged ({problem[1]}): resuming from the one before it")
+            broken.append(f"{path.name}: {problem[1]}")
+            continue
+        saved = json.loads((path / STATE_FILE).read_text()).get("run") or {}
+        differences = settings_differences(run.settings, saved.get("settings") or {})
+        if differences:
+            raise UsageError(f"--resume_from_checkpoint {path}: its run had other settings: {'; '.join(differences)}; "
+                             "resume with the same settings")
+        state = load_checkpoint(accelerator, path, batches_per_epoch)
+        run.run_id = run.run_id or saved.get("run_id")
+        break
+    else:
+        if broken:
+            raise UsageError(f"--resume_from_checkpoint latest: no complete checkpoint in "
+                             f"{run.output_dir / CHECKPOINT_DIR} ({'; '.join(broken)}); start afresh with "
+                             "--overwrite_output_dir instead")
+    run.run_id = run.run_id or uuid.uuid4().hex
+    error = None
+    if accelerator.is_main_process:
+        try:
+            _write_json(run.output_dir / RUN_FILE, run.record())
+        except OSError as err:
+            error = err
+    _after_write(accelerator, error, f"the run's record ({RUN_FILE})", run.output_dir, 2**16)
+    return state
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path, batches_per_epoch: int) -> TrainState:
@@ -463,9 +1087,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path, batches_per_epoch: int
         # anything but tensors and plain data is refused, never run. Say that in one line (torch's own
         # message suggests turning the protection off).
         lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-        detail = next((line for line in lines if "GLOBAL" in line), lines[0])
-        if isinstance(err, pickle.UnpicklingError):
-            detail = f"a pickle that torch.load(weights_only=True) refuses: {detail}"
+        detail = _refused_pickle(err) or lines[0]
         raise UsageError(f"--resume_from_checkpoint {path}: cannot load it ({detail}); resume from "
                          "another checkpoint or start afresh") from None
     saved = json.loads((path / STATE_FILE).read_text())

@@ -300,7 +300,8 @@ def test_saved_processor_reproduces_evaluation_geometry_for_every_model_family(t
 @needs_camvid
 def test_export_folder_keeps_logs_and_checkpoints_apart_and_every_file_readable(export):
     top = {p.name for p in export.iterdir()}
-    assert top == EXPORTED | {"runs", "checkpoints", "log.jsonl"}  # no tracker folder among the exported files
+    # No tracker folder among the exported files; run.json records the run that owns the folder.
+    assert top == EXPORTED | {"runs", "checkpoints", "log.jsonl", "run.json"}
     assert list((export / "runs").rglob("events.out.tfevents.*"))
     umask = os.umask(0)
     os.umask(umask)

@@ -14,12 +14,15 @@ is repeatable); `RELIABILITY_SEED=... pytest tests/test_reliability.py` tries ot
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import json
 import math
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -864,3 +867,242 @@ def test_resume_refuses_a_checkpoint_whose_pickle_would_run_code(straight, tmp_p
     assert_one_line_error(proc, f"--resume_from_checkpoint {out / 'checkpoints' / name}", "weights_only=True",
                           "posix.system")
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The output folder (issue 10): one run per folder, one process at a time, writable, all-or-nothing writes
+# ---------------------------------------------------------------------------------------------------------
+def snapshot(folder: Path) -> dict:
+    """Every file under ``folder`` and its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_folder_holding_another_run_is_refused_and_resume_names_the_difference(tmp_path):
+    out = tmp_path / "out"
+    run_ok(script_cmd(base_args(out, checkpointing_steps=1)))
+    assert json.loads((out / "run.json").read_text())["settings"]["seed"] == 42
+    before = snapshot(out)
+    proc = run(script_cmd(base_args(out, checkpointing_steps=1, seed=1)))
+    assert_one_line_error(proc, f"--output_dir {out} holds another run (--seed 1 here, 42 there)",
+                          "--resume_from_checkpoint latest", "--overwrite_output_dir")
+    proc = run(script_cmd(base_args(out, checkpointing_steps=1, seed=1, resume_from_checkpoint="latest")))
+    assert_one_line_error(proc, "the run in", "had other settings: --seed 1 here, 42 there")
+    assert snapshot(out) == before  # nothing written, nothing deleted
+
+
+def test_overwrite_output_dir_starts_a_new_run_whose_latest_and_rotation_ignore_the_old_one(tmp_path):
+    out = tmp_path / "out"
+    run_ok(script_cmd(base_args(out, steps=4, checkpointing_steps=1)))  # the old run: step_1 ... step_4
+    new = dict(steps=2, checkpointing_steps=1, checkpoints_total_limit=1, seed=1)
+    proc = run_ok(script_cmd(base_args(out, overwrite_output_dir=True, **new)))
+    assert "--overwrite_output_dir" in proc.stderr and "held another run" in proc.stderr
+    # The limit kept the new run's newest checkpoint and did not count (or delete) the old run's.
+    assert checkpoint_names(out) == ["step_00000002", "step_00000003", "step_00000004"]
+    record = json.loads((out / "run.json").read_text())
+    assert record["settings"]["seed"] == 1
+    assert json.loads((out / "checkpoints/step_00000002/training_state.json").read_text())["run"] == record
+    proc = run_ok(script_cmd(base_args(out, resume_from_checkpoint="latest", **new)))
+    assert _resumed_at(proc.stderr) == 2  # its own checkpoint, not the old run's step 4
+
+
+def test_output_dir_holding_a_model_or_a_dataset_is_refused(folders, tmp_path):
+    model = shutil.copytree(folders["teacher_5"], tmp_path / "model")
+    dataset = shutil.copytree(folders["plain"], tmp_path / "dataset")
+    before = snapshot(tmp_path)
+    proc = run(script_cmd(base_args(model)))
+    assert_one_line_error(proc, f"--output_dir {model} holds files this run did not write (config.json, "
+                          "model.safetensors, preprocessor_config.json)", "--overwrite_output_dir")
+    proc = run(script_cmd(base_args(dataset)))
+    assert_one_line_error(proc, "holds files this run did not write (data, id2label.json)")
+    # The folder of a model the run reads: refused even with --overwrite_output_dir.
+    proc = run(script_cmd(base_args(model, "kd", teacher_model_name_or_path=model, overwrite_output_dir=True)))
+    assert_one_line_error(proc, f"--output_dir {model} is the folder of --teacher_model_name_or_path")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_second_run_on_a_busy_folder_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path):
+    out = tmp_path / "out"
+    log = tmp_path / "first.log"
+    first = start(script_cmd(base_args(out, steps=100_000, max_train_samples=64)), log)
+    try:
+        wait_for(lambda: "*****" in log.read_text(), first, "training to start")
+        proc = run(script_cmd(base_args(out, steps=100_000, max_train_samples=64, resume_from_checkpoint="latest")))
+        assert_one_line_error(proc, f"--output_dir {out} is in use by another run (pid {first.pid} on ")
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        if group_alive(first.pid):
+            os.killpg(first.pid, signal.SIGKILL)
+    assert json.loads((out / "run.lock").read_text())["pid"] == first.pid  # left behind by the kill
+    proc = run_ok(script_cmd(base_args(out, steps=1, overwrite_output_dir=True)))
+    assert f"taking over the lock of pid {first.pid}" in proc.stderr and "no longer running" in proc.stderr
+    assert not (out / "run.lock").exists()  # released at exit
+
+
+def test_two_processes_refuse_a_foreign_folder_together(folders, tmp_path):
+    # The main process decides; the other learns it before doing anything (no rank left waiting).
+    model = shutil.copytree(folders["teacher_5"], tmp_path / "model")
+    proc = run(launcher_cmd(base_args(model), nproc=2), env=dict(ENV, ACCELERATE_USE_CPU="1"), timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("train_icsd.py: error: --output_dir") == 2, proc.stderr[-3000:]
+    assert "holds files this run did not write" in proc.stderr and "*****" not in proc.stderr
+
+
+@contextlib.contextmanager
+def small_folder(root: Path, size: int | None):
+    """A folder on a file system that holds ``size`` bytes (None: read-only), and the ``preexec_fn`` a run in it
+    needs. Where mounting is allowed (root), a real tmpfs: writes fail with ENOSPC (EROFS). Elsewhere the
+    stand-ins: for a user who is not root, read-only permissions; otherwise a limit on the size of any file the
+    run writes (RLIMIT_FSIZE: a write past it fails with EFBIG, as one on a full disk fails with ENOSPC).
+    Yields (folder, preexec_fn, whether the folder is a real tmpfs)."""
+    folder = root / "small"
+    folder.mkdir()
+    options = "ro,size=1m" if size is None else f"size={size}"
+    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                                                   capture_output=True).returncode == 0
+    try:
+        if mounted:
+            yield folder, None, True
+        elif size is None and os.geteuid() != 0:
+            folder.chmod(0o555)
+            yield folder, None, False
+        else:
+            limit = size or 16  # read-only: room for tempfile's probe at start-up (4 bytes), not for a lock file
+            yield folder, functools.partial(resource.setrlimit, resource.RLIMIT_FSIZE, (limit, limit)), False
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(folder)], check=True)
+        folder.chmod(0o755)
+
+
+def run_in(cmd, preexec_fn) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120, preexec_fn=preexec_fn)
+
+
+def test_a_read_only_output_folder_fails_at_the_start(tmp_path):
+    with small_folder(tmp_path, None) as (folder, preexec_fn, _):
+        proc = run_in(script_cmd(base_args(folder)), preexec_fn)
+        assert_one_line_error(proc, f"--output_dir {folder}: cannot write there", "choose a writable folder")
+        assert "*****" not in proc.stderr  # before training, not after it
+        assert not any(folder.iterdir())
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_naming_the_folder_and_the_bytes(tmp_path):
+    # 3 MB: the weights (1.8 MB) fit, the optimizer state (3.7 MB) does not: torch.save's own error says nothing
+    # of the disk, the free space does.
+    with small_folder(tmp_path, 3 * 2**20) as (folder, preexec_fn, real):
+        out = folder / "out"
+        proc = run_in(script_cmd(base_args(out, checkpointing_steps=1)), preexec_fn)
+        last = assert_one_line_error(proc, f"cannot write the checkpoint of step 1 to {out / 'checkpoints'}: ",
+                                     "it needs about ")
+        if real:
+            assert "No space left on device" in last and "MB free there" in last
+        needed = float(re.search(r"needs about ([\d.]+) MB", last).group(1)) * 1e6
+        weights = sum(v.numel() * v.element_size() for v in models.load_student(TINY, data.DATASET_PRESETS[
+            "synthetic"].id2label).state_dict().values())
+        assert needed >= 3 * weights  # weights and AdamW's two moments
+        assert not any((out / "checkpoints").iterdir())  # the half-written checkpoint is gone, space freed
+
+
+def test_a_full_disk_during_the_export_keeps_the_previous_export(tmp_path):
+    with small_folder(tmp_path, 6 * 2**20) as (folder, preexec_fn, real):
+        out = folder / "out"
+        run_ok(script_cmd(base_args(out)))
+        before = {k: v for k, v in snapshot(out).items() if k != "run.json"}
+        if real:  # leave 0.6 MB: less than the weights
+            (folder / "filler").write_bytes(b"\0" * (shutil.disk_usage(folder).free - 600_000))
+        else:
+            preexec_fn = functools.partial(resource.setrlimit, resource.RLIMIT_FSIZE, (2**20, 2**20))
+        proc = run_in(script_cmd(base_args(out, seed=1, overwrite_output_dir=True)), preexec_fn)
+        last = assert_one_line_error(proc, f"cannot write the export to {out}: ", "it needs about ")
+        if real:
+            assert "No space left on device" in last
+        # The previous export is whole and loads; nothing of the new one is left around.
+        assert {k: v for k, v in snapshot(out).items() if k != "run.json"} == before
+        from transformers import AutoModelForSemanticSegmentation
+
+        AutoModelForSemanticSegmentation.from_pretrained(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Damaged files (issue 10): one line naming the file and the role; resume passes over a damaged checkpoint
+# ---------------------------------------------------------------------------------------------------------
+DAMAGE = {
+    "truncated_weights": ("model.safetensors", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])),
+    "random_weights": ("model.safetensors", lambda p: p.write_bytes(random.Random(0).randbytes(p.stat().st_size))),
+    "malformed_config": ("config.json", lambda p: p.write_text('{"model_type": "segformer", ')),
+    "no_weights": ("model.safetensors", lambda p: p.unlink()),
+}
+
+
+@pytest.fixture(scope="module")
+def damaged_models(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("damaged")
+    good = root / "good"
+    models.load_student(TINY, data.DATASET_PRESETS["synthetic"].id2label).save_pretrained(good)
+    models.load_image_processor(TINY).save_pretrained(good)
+    found = {}
+    for case, (file, damage) in DAMAGE.items():
+        found[case] = shutil.copytree(good, root / case)
+        damage(found[case] / file)
+    return found
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_a_damaged_teacher_is_one_line_naming_the_file(damaged_models, tmp_path, case):
+    folder = damaged_models[case]
+    proc = run(script_cmd(base_args(tmp_path / "out", "kd", teacher_model_name_or_path=folder)))
+    last = assert_one_line_error(proc, f"the teacher '{folder}' ", "save_pretrained")
+    assert ("holds no weights" if case == "no_weights" else f"damaged or incomplete {DAMAGE[case][0]}") in last
+
+
+def test_a_damaged_student_is_one_line_naming_the_file(damaged_models, tmp_path):
+    folder = damaged_models["malformed_config"]
+    proc = run(script_cmd(base_args(tmp_path / "out", student_model_name_or_path=folder)))
+    assert_one_line_error(proc, f"the student '{folder}' has a damaged or incomplete config.json")
+
+
+def tamper_rng(path: Path) -> None:
+    """A random_states_N.pkl that loads but cannot restore torch's generator."""
+    states = torch.load(path, weights_only=False)
+    states["torch_manual_seed"] = torch.zeros(10, dtype=torch.uint8)
+    torch.save(states, path)
+
+
+CHECKPOINT_DAMAGE = {
+    "model.safetensors": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+    "optimizer.bin": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+    "training_state.json": lambda p: p.write_text('{"completed_steps": 24, '),
+    "random_states_0.pkl": tamper_rng,
+}
+
+
+@pytest.mark.parametrize("file", sorted(CHECKPOINT_DAMAGE))
+def test_resume_latest_passes_over_a_damaged_checkpoint(straight, tmp_path, file):
+    out = tmp_path / "out"
+    shutil.copytree(straight / "checkpoints", out / "checkpoints")  # step 22 and step 24
+    broken = out / "checkpoints" / f"step_{STEPS:08d}"
+    CHECKPOINT_DAMAGE[file](broken / file)
+    proc = run_ok(script_cmd(interrupt_args(out, resume_from_checkpoint="latest")))
+    assert f"checkpoint {broken} is damaged ({file}" in proc.stderr, proc.stderr[-3000:]
+    assert _resumed_at(proc.stderr) == STEPS - INTERVAL
+    assert same_weights(out, straight)  # the lost interval was trained again, exactly
+
+
+def test_resume_latest_without_a_whole_checkpoint_is_one_line(straight, tmp_path):
+    out = tmp_path / "out"
+    name = f"step_{STEPS:08d}"
+    shutil.copytree(straight / "checkpoints" / name, out / "checkpoints" / name)
+    CHECKPOINT_DAMAGE["optimizer.bin"](out / "checkpoints" / name / "optimizer.bin")
+    proc = run(script_cmd(interrupt_args(out, resume_from_checkpoint="latest")))
+    assert_one_line_error(proc, f"no complete checkpoint in {out / 'checkpoints'} ({name}: optimizer.bin: ")
+
+
+def test_a_tampered_rng_state_is_an_error(straight, tmp_path):
+    # Accelerate's load_state logs "Could not load random states" at INFO and goes on: not here.
+    path = tmp_path / "out" / "checkpoints" / f"step_{STEPS:08d}"
+    shutil.copytree(straight / "checkpoints" / path.name, path)
+    tamper_rng(path / "random_states_0.pkl")
+    proc = run(script_cmd(interrupt_args(tmp_path / "out", resume_from_checkpoint=path)))
+    assert_one_line_error(proc, f"--resume_from_checkpoint {path}: cannot load it (random_states_0.pkl: ",
+                          "RNG state")

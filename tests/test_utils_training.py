@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,12 +87,39 @@ def test_checkpoints_rotate_and_latest_skips_incomplete_ones(tmp_path):
         utils.save_checkpoint(acc, model, str(tmp_path), state, total_limit=2)
     assert [p.name for p in utils.list_checkpoints(str(tmp_path))] == ["step_00000002", "step_00000003"]
     (tmp_path / "checkpoints" / "step_00000009").mkdir()  # no training_state.json: never taken
-    assert utils.resolve_resume("latest", str(tmp_path)).name == "step_00000003"
+    latest = utils.checkpoint_candidates("latest", str(tmp_path))
+    assert [p.name for p in latest] == ["step_00000003", "step_00000002"]  # newest first: the order to try them
     assert json.loads((tmp_path / "checkpoints" / "step_00000003" / utils.STATE_FILE).read_text())["distill"] == "kd"
     with pytest.raises(utils.UsageError, match="not a complete checkpoint folder"):
-        utils.resolve_resume(str(tmp_path / "checkpoints" / "step_00000009"), str(tmp_path))
-    state = utils.load_checkpoint(acc, utils.resolve_resume("latest", str(tmp_path)), batches_per_epoch=3)
+        utils.checkpoint_candidates(str(tmp_path / "checkpoints" / "step_00000009"), str(tmp_path))
+    assert utils.checkpoint_problem(latest[0], acc) is None
+    state = utils.load_checkpoint(acc, latest[0], batches_per_epoch=3)
     assert (state.completed_steps, state.epoch, state.batches_in_epoch) == (3, 1, 0)  # the epoch was complete
+
+
+def test_a_rotation_killed_midway_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    acc = Accelerator(cpu=True)
+    model = acc.prepare(torch.nn.Linear(2, 2))
+
+    def save(step: int) -> None:
+        utils.save_checkpoint(acc, model, str(tmp_path), utils.TrainState(completed_steps=step).to_json(), 1)
+
+    save(1)
+    real_rmtree = utils.shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False):  # deletes one file of the folder, then the process "dies"
+        if Path(path).is_dir() and any(Path(path).iterdir()):
+            next(Path(path).iterdir()).unlink()
+            raise KeyboardInterrupt
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(utils.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save(2)  # rotation deletes step 1
+    monkeypatch.setattr(utils.shutil, "rmtree", real_rmtree)
+    assert [p.name for p in utils.list_checkpoints(str(tmp_path))] == ["step_00000002"]
+    save(3)  # the next save finishes the interrupted deletion off
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000003"]
 
 
 def test_checkpoint_of_a_nonfinite_model_is_refused(tmp_path):
@@ -157,3 +185,87 @@ def test_a_failure_after_the_model_is_saved_says_where_the_model_is():
                                  "while evaluating); the trained model is saved in runs/x (from_pretrained loads it)")
     with utils.report_saved_model("runs/x"):  # no failure: nothing happens
         pass
+
+
+def test_an_export_lands_weights_last_and_the_folder_stays_locked(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    import train_icsd
+
+    acc = Accelerator(cpu=True)
+    out = tmp_path / "out"
+    args = train_icsd.parse_args(["--dataset", "synthetic", "--output_dir", str(out)])
+    run = utils.claim_output_dir(acc, args)
+    assert run.run_id and (out / utils.LOCK_FILE).is_file()
+    for name, text in (("config.json", "old"), ("model.safetensors", "old"), ("ics.png", "old")):
+        (out / name).write_text(text)  # a previous export
+    moves = []
+
+    def replace(src, dst):  # record what the folder holds as each file lands
+        moves.append((Path(dst).name, (out / "model.safetensors").exists()))
+        real_replace(src, dst)
+
+    real_replace = utils.os.replace
+    monkeypatch.setattr(utils.os, "replace", replace)
+    with utils.ExportWriter(acc, out, needed_bytes=10) as staging:
+        for name in ("model.safetensors", "config.json", "README.md"):
+            (staging / name).write_text("new")
+    monkeypatch.setattr(utils.os, "replace", real_replace)
+    landed = [m for m in moves if m[0] != utils.EXPORT_READY]
+    assert [name for name, _ in landed][-1] == "model.safetensors"  # the weights come last...
+    assert not any(weights_there for _, weights_there in landed)  # ...after the old ones were deleted
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "README.md", utils.LOCK_FILE}
+    assert all((out / n).read_text() == "new" for n in ("config.json", "model.safetensors", "README.md"))
+    # Moving the files in did not drop this process's POSIX lock (closing any descriptor of run.lock would).
+    probe = ("import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDWR)\n"
+             "try:\n    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept OSError:\n    sys.exit(3)")
+    assert subprocess.run([sys.executable, "-c", probe, str(out / utils.LOCK_FILE)]).returncode == 3
+    utils.release_locks()
+    assert not (out / utils.LOCK_FILE).exists()
+
+
+def test_a_dead_processs_lock_is_taken_over_and_another_hosts_is_not(tmp_path, caplog):
+    import os
+    import socket
+
+    import train_icsd
+
+    acc = Accelerator(cpu=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = train_icsd.parse_args(["--dataset", "synthetic", "--output_dir", str(out)])
+    lock = out / utils.LOCK_FILE
+    lock.write_text(json.dumps({"pid": 999_999_999, "host": "elsewhere", "started": "yesterday"}))
+    with pytest.raises(utils.OutputError, match="names pid 999999999 on host elsewhere, which cannot be checked"):
+        utils.claim_output_dir(acc, args)
+    assert json.loads(lock.read_text())["host"] == "elsewhere"  # left as it was
+    lock.write_text(json.dumps({"pid": 999_999_999, "host": socket.gethostname(), "started": "yesterday"}))
+    with caplog.at_level("WARNING"):
+        utils.claim_output_dir(acc, args)
+    assert "taking over the lock of pid 999999999 (since yesterday), which is no longer running" in caplog.text
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    utils.release_locks()
+
+
+def test_a_start_finishes_what_a_killed_run_left_half_done(tmp_path):
+    import train_icsd
+
+    acc = Accelerator(cpu=True)
+    out = tmp_path / "out"
+    args = train_icsd.parse_args(["--dataset", "synthetic", "--output_dir", str(out), "--resume_from_checkpoint",
+                                  "latest"])
+    (out / utils.EXPORT_READY).mkdir(parents=True)  # a complete export, killed while moving in...
+    (out / utils.EXPORT_READY / "model.safetensors").write_text("new")
+    (out / "config.json").write_text("new")  # ...after its config.json, before its weights
+    (out / "model.safetensors").write_text("old")
+    for leftover in (utils.EXPORT_STAGING, "checkpoints/.tmp-step_00000003", "checkpoints/.del-step_00000001"):
+        (out / leftover).mkdir(parents=True)
+        (out / leftover / "model.safetensors").write_text("partial")
+    (out / utils.RUN_FILE).write_text(json.dumps({"run_id": "r1", "settings": utils.run_settings(args)}))
+    run = utils.claim_output_dir(acc, args)
+    assert run.run_id == "r1"  # the same settings: the run continues
+    assert (out / "model.safetensors").read_text() == "new" and (out / "config.json").read_text() == "new"
+    assert sorted(p.name for p in out.rglob("*")) == ["checkpoints", "config.json", "model.safetensors",
+                                                      utils.RUN_FILE, utils.LOCK_FILE]
+    utils.release_locks()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Offline demo, CPU, about 5 minutes on 2 cores, no network:
+# Offline demo, CPU, about 4 minutes on 2 cores, no network:
 #   1. train a teacher (SegFormer-b0 from a config, random init) on the synthetic preset, with --distill none;
 #   2. train the student (a 0.46 M-parameter SegFormer) alone: the baseline;
 #   3. distil the same student from the teacher of step 1 with AICSD;

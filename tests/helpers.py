@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,14 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFF
 ENV.pop("HF_TOKEN", None)
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now: each multi-process launch gets its own, so a run that failed and
+    left a rank behind cannot block the next test's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def script_cmd(args) -> list:
     """``python train_icsd.py ARGS``: what `accelerate launch` runs in each process."""
     return [sys.executable, str(ROOT / "train_icsd.py"), *map(str, args)]
@@ -28,7 +37,7 @@ def launcher_cmd(args, nproc: int = 1) -> list:
            "--dynamo_backend", "no"]
     if nproc > 1:
         # `--cpu --num_processes 2` silently starts one process; --multi_gpu with ACCELERATE_USE_CPU starts two.
-        cmd += ["--multi_gpu", "--num_processes", str(nproc), "--main_process_port", str(29500 + os.getpid() % 500)]
+        cmd += ["--multi_gpu", "--num_processes", str(nproc), "--main_process_port", str(free_port())]
     else:
         cmd += ["--num_processes", "1"]
     return cmd + [str(ROOT / "train_icsd.py"), *map(str, args)]

@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from helpers import ENV, ROOT, TINY, launcher_cmd, script_cmd
+from helpers import ENV, ROOT, TINY, free_port, launcher_cmd, script_cmd
 
 import data
 import losses
@@ -731,7 +731,7 @@ def test_sigterm_during_the_final_evaluation_keeps_the_model_and_a_resume_finish
 def torchrun_cmd(args, nproc: int) -> list:
     """``torchrun --nproc_per_node N train_icsd.py ARGS`` (on the CPU with ACCELERATE_USE_CPU=1)."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            str(30000 + os.getpid() % 500), str(ROOT / "train_icsd.py"), *map(str, args)]
+            str(free_port()), str(ROOT / "train_icsd.py"), *map(str, args)]
 
 
 def children(pid: int) -> list[int]:

@@ -3,6 +3,7 @@ tools/compare.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -42,10 +43,40 @@ def test_study_quick_runs_every_stage(tmp_path):
     assert set(res["summary"]) == {"none", "kd", "aicsd"}
     for name in ("results.md", "miou.png", "ics.png", "overlays.png"):
         assert (out / name).stat().st_size > 0
-    assert "| + AICSD (ICSD + KD, ALW) |" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "| + AICSD (ICSD + KD, ALW) |" in md and "| AICSD − KD | " in md and "Teacher per-class IoU" in md
+    runs = res["runs"]
+    assert res["paired"]["aicsd-kd"]["values"] == pytest.approx(
+        [100 * (runs["aicsd"][0]["eval_mean_iou"] - runs["kd"][0]["eval_mean_iou"])])
+    assert res["verdict"].startswith("AICSD > KD > student alone (mean_iou) held ")
     # A second call finds every run done and only rebuilds the tables and figures.
     again = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert again.returncode == 0 and again.stdout.count("(done before:") == 4
+
+
+def _load_study():
+    spec = importlib.util.spec_from_file_location("study", ROOT / "tools" / "study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_study_pairs_runs_by_seed_and_states_the_ordering():
+    study = _load_study()
+    miou = {"none": [0.30, 0.31, 0.29], "kd": [0.32, 0.30, 0.33], "aicsd": [0.35, 0.33, 0.32]}
+    runs = {m: [{"eval_mean_iou": v} for v in values] for m, values in miou.items()}
+    paired = study.paired_differences(runs, [0, 1, 2])
+    assert set(paired) == {"aicsd-kd", "kd-none", "aicsd-none"}
+    assert paired["aicsd-kd"]["values"] == pytest.approx([3.0, 3.0, -1.0])
+    assert paired["aicsd-kd"]["mean"] == pytest.approx(5 / 3)
+    assert paired["aicsd-kd"]["std"] == pytest.approx(((2 * (4 / 3) ** 2 + (8 / 3) ** 2) / 2) ** 0.5)
+    assert paired["kd-none"]["wins"] == 2 and paired["aicsd-none"]["wins"] == 3
+    # Seed 1 breaks KD > alone, seed 2 breaks AICSD > KD; the means keep the order.
+    assert study.ordering_verdict(runs, [0, 1, 2]) == (
+        "AICSD > KD > student alone (mean_iou) held in 1 of 3 seeds; on average it held.")
+    with pytest.raises(ValueError, match="one run per seed"):
+        study.paired_differences({"kd": runs["kd"], "none": runs["none"][:2]}, [0, 1, 2])
+    assert study.ordering_verdict({"kd": runs["kd"], "none": runs["none"]}, [0, 1, 2]) is None
 
 
 def test_loss_scales_prints_one_row_per_student():

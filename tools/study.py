@@ -109,6 +109,15 @@ def run_training(args: argparse.Namespace, out: Path, flags: list[str], log: Pat
     return json.loads(results.read_text())
 
 
+def class_names(model_dir: Path) -> list[str] | None:
+    """The class names in index order from a saved model's config.json, or None when it has none."""
+    config = model_dir / "config.json"
+    if not config.is_file():
+        return None
+    id2label = json.loads(config.read_text()).get("id2label") or {}
+    return [id2label[k] for k in sorted(id2label, key=int)] or None
+
+
 def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
     table = {}
     for method, results in runs.items():
@@ -121,7 +130,47 @@ def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
     return table
 
 
-def markdown(table: dict[str, dict], teacher: dict, args: argparse.Namespace, device: str, minutes: float) -> str:
+# (better, worse): each pair's per-seed difference is reported when both methods ran.
+PAIRS = (("aicsd", "kd"), ("kd", "none"), ("aicsd", "none"), ("icsd", "kd"))
+
+
+def paired_differences(runs: dict[str, list[dict]], seeds: Sequence[int],
+                       key: str = "eval_mean_iou") -> dict[str, dict]:
+    """Per-seed differences ``better - worse`` in percentage points, for every pair of PAIRS that ran.
+
+    ``runs[method][i]`` is the run of ``seeds[i]``; both runs of a pair share the seed, hence the data order,
+    the augmentation and (for the same architecture) the initial weights, so the difference removes that
+    variation. Returns ``{"aicsd-kd": {"seeds", "values", "mean", "std", "wins"}, ...}``; ``wins`` counts the
+    seeds where the difference is > 0.
+    """
+    out = {}
+    for better, worse in PAIRS:
+        if better not in runs or worse not in runs:
+            continue
+        if not len(runs[better]) == len(runs[worse]) == len(seeds):
+            raise ValueError(f"{better} and {worse} need one run per seed {list(seeds)}")
+        values = [100 * (b[key] - w[key]) for b, w in zip(runs[better], runs[worse])]
+        out[f"{better}-{worse}"] = {"seeds": list(seeds), "values": values, "mean": statistics.fmean(values),
+                                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                                    "wins": sum(v > 0 for v in values)}
+    return out
+
+
+def ordering_verdict(runs: dict[str, list[dict]], seeds: Sequence[int], key: str = "eval_mean_iou") -> str | None:
+    """One sentence: did AICSD > KD > student alone hold in every seed, on average, or not at all?"""
+    if not all(m in runs for m in ("aicsd", "kd", "none")):
+        return None
+    held = [a[key] > k[key] > n[key] for a, k, n in zip(runs["aicsd"], runs["kd"], runs["none"])]
+    mean = {m: statistics.fmean(r[key] for r in runs[m]) for m in ("aicsd", "kd", "none")}
+    on_average = mean["aicsd"] > mean["kd"] > mean["none"]
+    where = "in every seed" if all(held) else f"in {sum(held)} of {len(held)} seeds"
+    return (f"AICSD > KD > student alone ({key.removeprefix('eval_')}) held {where}; "
+            f"on average it {'held' if on_average else 'did not hold'}.")
+
+
+def markdown(table: dict[str, dict], teacher: dict, args: argparse.Namespace, device: str, minutes: float,
+             paired: dict[str, dict] | None = None, verdict: str | None = None,
+             class_names: Sequence[str] | None = None) -> str:
     names = {"none": "student alone", "kd": "+ KD", "cwd": "+ CWD", "ickd": "+ ICKD", "icsd": "+ ICSD + KD (fixed)",
              "aicsd": "+ AICSD (ICSD + KD, ALW)"}
     lines = [f"CamVid validation (101 images unless --max_eval_samples), {args.steps} student steps, "
@@ -135,6 +184,22 @@ def markdown(table: dict[str, dict], teacher: dict, args: argparse.Namespace, de
         cells = [f"{row[k]['mean']:.2f} ± {row[k]['std']:.2f}"
                  for k in ("eval_mean_iou", "eval_overall_accuracy", "eval_mean_accuracy")]
         lines.append(f"| {names[method]} | " + " | ".join(cells) + " |")
+    if paired:
+        short = {"none": "alone", "kd": "KD", "aicsd": "AICSD", "icsd": "ICSD+KD"}
+        lines += ["", "Paired mIoU differences (percentage points; same seed, same data order):", "",
+                  "| difference | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean ± std | > 0 in |",
+                  "|---|" + "---|" * (len(args.seeds) + 2)]
+        for name, d in paired.items():
+            better, worse = name.split("-")
+            lines.append(f"| {short[better]} − {short[worse]} | " + " | ".join(f"{v:+.2f}" for v in d["values"])
+                         + f" | {d['mean']:+.2f} ± {d['std']:.2f} | {d['wins']} of {len(d['values'])} |")
+    if verdict:
+        lines += ["", verdict]
+    per_class = teacher.get("eval_per_category_iou")
+    if per_class:
+        names_ = list(class_names) if class_names else [str(i) for i in range(len(per_class))]
+        lines += ["", "Teacher per-class IoU (%):", "", "| " + " | ".join(names_) + " |", "|" + "---|" * len(names_),
+                  "| " + " | ".join("n/a" if v is None else f"{100 * v:.1f}" for v in per_class) + " |"]
     return "\n".join(lines) + "\n"
 
 
@@ -293,11 +358,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit("study.py: error: no teacher metrics: train the teacher here or run a distillation method")
 
     table = summarise(runs)
+    paired = paired_differences(runs, args.seeds)
+    verdict = ordering_verdict(runs, args.seeds)
     minutes = (time.time() - started) / 60
-    md = markdown(table, teacher, args, device, minutes)
+    md = markdown(table, teacher, args, device, minutes, paired, verdict, class_names(teacher_dir))
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(json.dumps({"device": device, "args": vars(args), "teacher": teacher,
-                                                  "summary": table, "runs": runs}, indent=2))
+                                                  "summary": table, "paired": paired, "verdict": verdict,
+                                                  "runs": runs}, indent=2))
     chart = bar_chart(table, 100 * teacher["eval_mean_iou"])
     chart.save(out / "miou.png")
     students = {f"student {m}": out / f"{m}-seed{args.seeds[0]}" for m in ("none", "aicsd") if m in args.methods}

@@ -73,7 +73,8 @@ def test_study_pairs_runs_by_seed_and_states_the_ordering():
     assert paired["kd-none"]["wins"] == 2 and paired["aicsd-none"]["wins"] == 3
     # Seed 1 breaks KD > alone, seed 2 breaks AICSD > KD; the means keep the order.
     assert study.ordering_verdict(runs, [0, 1, 2]) == (
-        "AICSD > KD > student alone (mean_iou) held in 1 of 3 seeds; on average it held.")
+        "AICSD > KD > student alone (mean_iou) held in 1 of 3 seeds; on average it held "
+        "(AICSD − KD +1.67, KD − alone +1.67 points).")
     with pytest.raises(ValueError, match="one run per seed"):
         study.paired_differences({"kd": runs["kd"], "none": runs["none"][:2]}, [0, 1, 2])
     assert study.ordering_verdict({"kd": runs["kd"], "none": runs["none"]}, [0, 1, 2]) is None

@@ -44,6 +44,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -484,7 +485,34 @@ def _claim(out: Path, settings: dict, args: argparse.Namespace) -> str | None:
                           "folder") from None
     _lock(out)
     _finish_interrupted_writes(out)
-    return _decide(out, settings, args.resume_from_checkpoint, getattr(args, "overwrite_output_dir", False))
+    run_id = _decide(out, settings, args.resume_from_checkpoint, getattr(args, "overwrite_output_dir", False))
+    check_log_file(getattr(args, "log_file", None))
+    return run_id
+
+
+def check_log_file(path: str | None) -> None:
+    """Fail now, in one line, if ``--log_file`` cannot be appended to; otherwise the first logging step would.
+
+    Creates missing parent folders, but not the file: a run that stops before its record (``run.json``) must
+    leave no file that would make its output folder look like someone else's to the next run.
+    """
+    if not path:
+        return
+    log = Path(path).expanduser()
+    if log.is_dir():
+        raise OutputError(f"--log_file {path} is a folder: pass a file path such as {log / 'metrics.jsonl'}")
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        if log.exists():
+            with open(log, "a"):
+                pass
+        else:  # a dot-named probe: ignored by the foreign-file check should the run die right here
+            fd, probe = tempfile.mkstemp(dir=log.parent, prefix=".log-probe-")
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as err:
+        raise OutputError(f"--log_file {path}: cannot write there ({err.strerror or err}); choose a writable "
+                          "path") from None
 
 
 def _decide(out: Path, settings: dict, resume: str | None, overwrite: bool) -> str | None:

@@ -1106,3 +1106,12 @@ def test_a_tampered_rng_state_is_an_error(straight, tmp_path):
     proc = run(script_cmd(interrupt_args(tmp_path / "out", resume_from_checkpoint=path)))
     assert_one_line_error(proc, f"--resume_from_checkpoint {path}: cannot load it (random_states_0.pkl: ",
                           "RNG state")
+
+
+def test_an_unwritable_log_file_fails_at_the_start(tmp_path):
+    # A path under a regular file cannot be written by anyone, root included (no mount needed).
+    (tmp_path / "a_file").write_text("x")
+    log = tmp_path / "a_file" / "metrics.jsonl"
+    proc = run(script_cmd(base_args(tmp_path / "out", log_file=log)), timeout=120)
+    assert_one_line_error(proc, f"--log_file {log}: cannot write there", "choose a writable path")
+    assert "*****" not in proc.stderr  # before training, not at its first logging step

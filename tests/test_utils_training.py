@@ -269,3 +269,24 @@ def test_a_start_finishes_what_a_killed_run_left_half_done(tmp_path):
     assert sorted(p.name for p in out.rglob("*")) == ["checkpoints", "config.json", "model.safetensors",
                                                       utils.RUN_FILE, utils.LOCK_FILE]
     utils.release_locks()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --log_file is checked at the start, not at the first logging step
+# ---------------------------------------------------------------------------------------------------------
+def test_check_log_file_refuses_folders_and_unwritable_paths_and_leaves_no_file(tmp_path):
+    with pytest.raises(utils.OutputError, match=r"^--log_file .* is a folder: pass a file path such as "):
+        utils.check_log_file(str(tmp_path))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(utils.OutputError, match=r"^--log_file .*a_file/log.jsonl: cannot write there \(.+\); "):
+        utils.check_log_file(str(blocker / "log.jsonl"))
+    # A new nested folder is created; the file is not, nor is the probe left behind.
+    nested = tmp_path / "logs" / "run1" / "log.jsonl"
+    utils.check_log_file(str(nested))
+    assert nested.parent.is_dir() and list(nested.parent.iterdir()) == []
+    existing = tmp_path / "old.jsonl"
+    existing.write_text('{"step": 1}\n')
+    utils.check_log_file(str(existing))
+    assert existing.read_text() == '{"step": 1}\n'
+    utils.check_log_file(None)

@@ -567,6 +567,33 @@ def smallest_input_side(model: nn.Module, limit: int = 1024) -> int:
         model.train(was_training)
 
 
+def one_sample_training_error(model: nn.Module, side: int) -> str | None:
+    """Why ``model`` cannot train on batches of one ``(1, 3, side, side)`` sample, or None when it can.
+
+    BatchNorm after a global pooling (DeepLabV3's image-pooling branch) sees one value per channel at batch 1
+    and raises at the first training step. This runs one train-mode forward pass without gradients, then
+    puts back every buffer (running statistics) and the random state (dropout), so training starts as if the
+    check had not run. Models without BatchNorm are not run at all.
+    """
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return None
+    device = next(model.parameters()).device
+    saved = [b.detach().clone() for b in model.buffers()]
+    was_training = model.training
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            segmentation_logits(model, torch.zeros(1, 3, side, side, device=device))
+        return None
+    except (RuntimeError, ValueError) as err:
+        return " ".join(str(err).split())
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(model.buffers(), saved):
+                buffer.copy_(value)
+        model.train(was_training)
+
+
 # --------------------------------------------------------------------------------------
 # Image processors and input normalization
 # --------------------------------------------------------------------------------------

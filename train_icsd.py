@@ -449,6 +449,10 @@ def check_models(args: argparse.Namespace, info: data.DataInfo, nets: dict) -> i
         if min(crop) < side and (role == "student" or args.distill != "none"):
             raise UsageError(f"the training crop {crop[0]}x{crop[1]} (--crop_size) is smaller than the {role} "
                              f"({flag}) takes: at least {side} px per side")
+        if role == "student" and args.per_device_train_batch_size == 1 and (
+                problem := models.one_sample_training_error(model, max(side, min(crop)))):
+            raise UsageError(f"--per_device_train_batch_size 1: the student ({flag}) cannot train on one sample per "
+                             f"device ({problem}); use 2 or more")
         if args.eval_short_side is not None and args.eval_short_side < side:
             raise UsageError(f"--eval_short_side {args.eval_short_side} is smaller than the {role} ({flag}) "
                              f"takes: at least {side} px")

@@ -289,3 +289,17 @@ def test_smallest_input_side_is_found_by_dry_forward_passes():
     with pytest.raises(RuntimeError):
         models.segmentation_logits(segformer, torch.zeros(1, 3, 28, 28))
     assert models.smallest_input_side(models.load_student("config:deeplabv3-mobilenetv2", {0: "a", 1: "b"})) == 1
+
+
+def test_one_sample_training_error_names_batchnorm_after_pooling_and_changes_nothing():
+    deeplab = models.load_model("config:deeplabv3-mobilenetv2", CLASSES_5, role="student").eval()
+    buffers = [b.clone() for b in deeplab.buffers()]
+    rng = torch.get_rng_state()
+    problem = models.one_sample_training_error(deeplab, 32)
+    assert problem is not None and "more than 1 value per channel" in problem and "\n" not in problem
+    # Running statistics, the random stream and the mode are as before: training starts as if unchecked.
+    assert all(torch.equal(a, b) for a, b in zip(buffers, deeplab.buffers()))
+    assert torch.equal(rng, torch.get_rng_state()) and not deeplab.training
+    # No BatchNorm (SegFormer uses LayerNorm; its decode head's BatchNorm sees many pixels): trains at batch 1.
+    assert models.one_sample_training_error(models.load_model("config:segformer-tiny", CLASSES_5, role="student"),
+                                            32) is None

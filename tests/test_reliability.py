@@ -1115,3 +1115,11 @@ def test_an_unwritable_log_file_fails_at_the_start(tmp_path):
     proc = run(script_cmd(base_args(tmp_path / "out", log_file=log)), timeout=120)
     assert_one_line_error(proc, f"--log_file {log}: cannot write there", "choose a writable path")
     assert "*****" not in proc.stderr  # before training, not at its first logging step
+
+
+def test_batch_one_with_a_pooled_batchnorm_student_fails_at_the_start(tmp_path):
+    proc = run(script_cmd(base_args(tmp_path / "out", per_device_train_batch_size=1,
+                                    student_model_name_or_path="config:deeplabv3-mobilenetv2")), timeout=120)
+    assert_one_line_error(proc, "--per_device_train_batch_size 1: the student (--student_model_name_or_path "
+                          "config:deeplabv3-mobilenetv2) cannot train on one sample per device", "use 2 or more")
+    assert "*****" not in proc.stderr

@@ -463,6 +463,8 @@ def _damaged(role: str, name_or_path: str, file: str, err: BaseException) -> Mod
     """A one-line error naming the model's role, its ``file`` and what is wrong with it."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     detail = lines[0] if lines else type(err).__name__
+    if len(detail) > 200:  # transformers appends every known model type to some messages
+        detail = detail[:200].rsplit(" ", 1)[0] + " ..."
     if "no file named" in detail:
         what = "holds no weights (model.safetensors or pytorch_model.bin)"
     else:
@@ -609,7 +611,7 @@ _FAMILY_PROCESSORS: dict[str, Callable[[], object]] = {
 
 
 def load_image_processor(name_or_path: str, *, revision: str | None = None,
-                         trust_remote_code: bool = False) -> object:
+                         trust_remote_code: bool = False, role: str = "student") -> object:
     """The image processor matching a model name.
 
     ``config:`` presets get the processor their real checkpoint ships (ImageNet
@@ -618,7 +620,8 @@ def load_image_processor(name_or_path: str, *, revision: str | None = None,
     ``AutoImageProcessor``; a folder with no ``preprocessor_config.json`` (e.g. a
     bare ``save_pretrained`` of a model) falls back to its family default with a
     warning. The result can be saved with ``save_pretrained`` and reloaded with
-    ``AutoImageProcessor.from_pretrained`` offline.
+    ``AutoImageProcessor.from_pretrained`` offline. A folder whose
+    ``preprocessor_config.json`` cannot be read is a one-line error naming ``role``.
     """
     if name_or_path.startswith("config:"):
         preset = MODEL_PRESETS.get(name_or_path)
@@ -641,9 +644,14 @@ def load_image_processor(name_or_path: str, *, revision: str | None = None,
         )
         return factory()
     load_kwargs = _resolve_pretrained(name_or_path, revision, filename="preprocessor_config.json")
-    return AutoImageProcessor.from_pretrained(
-        name_or_path, revision=revision, trust_remote_code=trust_remote_code, **load_kwargs
-    )
+    try:
+        return AutoImageProcessor.from_pretrained(
+            name_or_path, revision=revision, trust_remote_code=trust_remote_code, **load_kwargs
+        )
+    except (OSError, ValueError) as err:  # not JSON, unknown processor type, unreadable
+        if not path.is_dir():
+            raise
+        raise _damaged(role, name_or_path, "preprocessor_config.json", err) from None
 
 
 def processor_flips_channels(processor: object) -> bool:

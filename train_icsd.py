@@ -418,7 +418,7 @@ def load_models(args: argparse.Namespace, info: data.DataInfo, accelerator: Acce
         teacher = models.load_teacher(args.teacher_model_name_or_path, info.id2label,
                                       trust_remote_code=args.trust_remote_code)
         models.check_same_classes(teacher, student)
-        teacher_processor = models.load_image_processor(args.teacher_model_name_or_path,
+        teacher_processor = models.load_image_processor(args.teacher_model_name_or_path, role="teacher",
                                                         trust_remote_code=args.trust_remote_code)
         teacher_adapter = models.make_input_adapter(teacher_processor)
         teacher.to(accelerator.device)  # prepare() refuses a model without trainable parameters

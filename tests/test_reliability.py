@@ -1032,6 +1032,7 @@ DAMAGE = {
     "random_weights": ("model.safetensors", lambda p: p.write_bytes(random.Random(0).randbytes(p.stat().st_size))),
     "malformed_config": ("config.json", lambda p: p.write_text('{"model_type": "segformer", ')),
     "no_weights": ("model.safetensors", lambda p: p.unlink()),
+    "malformed_processor": ("preprocessor_config.json", lambda p: p.write_text('{"image_processor_type": ')),
 }
 
 

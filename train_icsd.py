@@ -726,7 +726,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 log(logs, step)
             if args.eval_steps and step % args.eval_steps == 0 and not last:
                 outcome.stop |= eval_student(accelerator, student, loaders.eval, info, nets, step, log)  # SIGTERM
-            stop_reason = "SIGTERM" if outcome.stop else None
+            stop_reason = utils.stop_cause() if outcome.stop else None
             if (plan.checkpoint_every and step % plan.checkpoint_every == 0) or stop_reason:
                 path = utils.save_checkpoint(accelerator, student, args.output_dir, state.to_json(**run_info),
                                              args.checkpoints_total_limit)
@@ -742,7 +742,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             cm, eval_skipped = evaluate(accelerator, accelerator.unwrap_model(student), loaders.eval,
                                         info.num_labels, info.ignore_index, nets["student_adapter"])
         if cm is None:  # SIGTERM: with a checkpoint of this step, a resume evaluates and finishes
-            stop_reason = "SIGTERM during the final evaluation"
+            stop_reason = f"{utils.stop_cause()} during the final evaluation"
             utils.save_checkpoint(accelerator, student, args.output_dir, state.to_json(**run_info),
                                   args.checkpoints_total_limit)
     if stop_reason:

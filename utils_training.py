@@ -140,16 +140,28 @@ def lr_factor(step: int, total: int, kind: str, warmup: int = 0, power: float = 
 # Stop requests: SIGTERM (preemption) or the launcher's death asks for a checkpoint and a clean exit
 # ---------------------------------------------------------------------------------------------------------
 _STOP_REQUESTED = False
+_STOP_CAUSE: str | None = None  # the first reason this process was asked to stop, for the last log line
+
+
+def _request_stop(cause: str) -> None:
+    global _STOP_REQUESTED, _STOP_CAUSE
+    _STOP_CAUSE = _STOP_CAUSE or cause
+    _STOP_REQUESTED = True
 
 
 def _on_sigterm(signum, frame) -> None:  # noqa: ARG001
-    global _STOP_REQUESTED
-    _STOP_REQUESTED = True
+    _request_stop("SIGTERM")
 
 
 def stop_requested() -> bool:
     """Whether this process has been asked to stop (SIGTERM, or its launcher died)."""
     return _STOP_REQUESTED
+
+
+def stop_cause() -> str:
+    """Why training stops early, in words: this process's first stop request, or, when all processes agreed to
+    stop on another's request, that."""
+    return _STOP_CAUSE or "a stop request of another process"
 
 
 def install_stop_handlers() -> None:
@@ -209,10 +221,9 @@ def _follow_launcher() -> None:
 
 
 def _watch_launcher(parent: int) -> None:
-    global _STOP_REQUESTED
     while os.getppid() == parent:
         time.sleep(_POLL_S)
-    _STOP_REQUESTED = True
+    _request_stop("the launcher's exit")
     print(f"[pid {os.getpid()}] the launcher (pid {parent}) is gone: saving a checkpoint and exiting", file=sys.stderr,
           flush=True)
     time.sleep(LAUNCHER_GRACE_S)

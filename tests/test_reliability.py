@@ -635,9 +635,9 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_resumes_identically(straight, tm
 
 
 def test_sigterm_to_the_single_process_accelerate_launcher(tmp_path):
-    # `accelerate launch` with one process does not forward SIGTERM to the script; the script asks Linux for
-    # SIGTERM when the launcher dies (PR_SET_PDEATHSIG), so it still checkpoints and exits. The launcher's own
-    # status is that of a process killed by SIGTERM.
+    # `accelerate launch` with one process does not forward SIGTERM to the script; the script watches its
+    # launcher, so it still checkpoints and exits, and its last line names the launcher's exit, not a SIGTERM
+    # it never received. The launcher's own status is that of a process killed by SIGTERM.
     out = tmp_path / "out"
     out.mkdir()
     log = tmp_path / "launch.log"
@@ -653,7 +653,7 @@ def test_sigterm_to_the_single_process_accelerate_launcher(tmp_path):
         if group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
-    assert re.search(r"SIGTERM: checkpoint saved at step \d+", text), text[-3000:]
+    assert re.search(r"the launcher's exit: checkpoint saved at step \d+", text), text[-3000:]
     assert len(checkpoint_names(out)) == 1
 
 
@@ -779,7 +779,9 @@ def test_killing_the_launcher_stops_every_rank_within_seconds(tmp_path, launcher
                 os.kill(pid, signal.SIGKILL)
     text = log.read_text()
     assert text.count(f"the launcher (pid {proc.pid}) is gone") == 2, text[-3000:]
-    assert len(re.findall(r"SIGTERM: checkpoint saved at step \d+", text)) == 1, text[-3000:]
+    # Rank 0 names its own watcher's finding, or the other rank's request when that rank noticed first.
+    causes = re.findall(r"(the launcher's exit|a stop request of another process): checkpoint saved at step \d+", text)
+    assert len(causes) == 1 and "SIGTERM: checkpoint saved" not in text, text[-3000:]
     assert len(checkpoint_names(out)) == 1 and not (out / "model.safetensors").exists()
 
 

@@ -396,6 +396,24 @@ BAD_SETTINGS = {
 }
 
 
+# Refused by parse_args itself: checked in-process (a subprocess each cost ~4 s of imports). The one-line,
+# exit-2 form of such an error is checked end to end by the one kept in BAD_SETTINGS.
+FLAG_ONLY = ("max_grad_norm_zero", "lambda_kd_nan", "lambda_ics_negative", "lambda_cwd_inf", "temperature_inf",
+             "learning_rate_zero", "learning_rate_nan", "weight_decay_negative", "seed_negative",
+             "eval_short_side_zero", "num_workers_negative")
+FLAG_ERRORS = {case: BAD_SETTINGS.pop(case) for case in FLAG_ONLY}
+
+
+@pytest.mark.parametrize("case", sorted(FLAG_ERRORS))
+def test_bad_flag_value_is_refused_by_parse_args_in_one_line(tmp_path, case):
+    build, fragments, _ = FLAG_ERRORS[case]
+    with pytest.raises(train_icsd.UsageError) as caught:
+        train_icsd.parse_args([str(a) for a in build(None, tmp_path / "out")])
+    message = str(caught.value)
+    assert "\n" not in message and all(f in message for f in fragments), message
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("case", sorted(BAD_SETTINGS))
 def test_bad_setting_fails_with_one_line_before_training(folders, tmp_path, case):
     build, fragments, extra_env = BAD_SETTINGS[case]

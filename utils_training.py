@@ -139,14 +139,12 @@ def lr_factor(step: int, total: int, kind: str, warmup: int = 0, power: float = 
 # ---------------------------------------------------------------------------------------------------------
 # Stop requests: SIGTERM (preemption) or the launcher's death asks for a checkpoint and a clean exit
 # ---------------------------------------------------------------------------------------------------------
-_STOP_REQUESTED = False
-_STOP_CAUSE: str | None = None  # the first reason this process was asked to stop, for the last log line
+_STOP_CAUSE: str | None = None  # the first reason this process was asked to stop (None: not asked)
 
 
 def _request_stop(cause: str) -> None:
-    global _STOP_REQUESTED, _STOP_CAUSE
+    global _STOP_CAUSE
     _STOP_CAUSE = _STOP_CAUSE or cause
-    _STOP_REQUESTED = True
 
 
 def _on_sigterm(signum, frame) -> None:  # noqa: ARG001
@@ -155,7 +153,7 @@ def _on_sigterm(signum, frame) -> None:  # noqa: ARG001
 
 def stop_requested() -> bool:
     """Whether this process has been asked to stop (SIGTERM, or its launcher died)."""
-    return _STOP_REQUESTED
+    return _STOP_CAUSE is not None
 
 
 def stop_cause() -> str:

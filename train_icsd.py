@@ -9,16 +9,19 @@
 ``cwd``, ``ickd`` (baselines), ``icsd`` (CE + ICSD + KD with fixed weights) and ``aicsd`` (the same under
 Adaptive Loss Weighting). Mixed precision, several GPUs and several nodes come from Accelerate.
 
-This file is the recipe; checkpoints, stop requests, the non-finite guard and the one-line errors live in
+This file is the recipe; checkpoints, the output folder, stop requests and the one-line errors live in
 ``utils_training.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import logging
 import math
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +34,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from torch.utils.data import BatchSampler, DataLoader, Subset
 from tqdm.auto import tqdm
+from transformers import get_scheduler
 
 import alw
 import data
@@ -52,26 +56,31 @@ LOSS_TERMS: dict[str, tuple[str, ...]] = {
     "aicsd": ("ce", "ics", "kd", "raw_ce", "raw_ics", "raw_kd"),
 }
 DISTILL_MODES = tuple(LOSS_TERMS)
-SCHEDULERS = ("poly", "linear", "cosine", "constant")
+# transformers' schedule names (get_scheduler); "poly" is "polynomial" with power 0.9, the segmentation default.
+SCHEDULERS = ("poly", "polynomial", "linear", "cosine", "cosine_with_restarts", "constant", "constant_with_warmup",
+              "inverse_sqrt")
 PREFLIGHT_SAMPLES = 8  # per split, decoded and checked before any model is loaded
+# Every flag that changes the trained weights: a resumed run must have the same values (after defaults).
+RUN_SETTINGS = (
+    "distill", "lambda_ics", "lambda_kd", "lambda_cwd", "lambda_ickd", "temperature", "alw_granularity",
+    "student_model_name_or_path", "teacher_model_name_or_path", "dataset", "dataset_name", "dataset_config_name",
+    "image_column", "label_column", "id2label", "ignore_index", "do_reduce_labels", "train_split",
+    "validation_split", "train_val_split", "max_train_samples", "skip_bad_samples", "crop_size", "seed",
+    "learning_rate", "weight_decay", "lr_scheduler_type", "num_warmup_steps", "max_grad_norm", "max_train_steps",
+    "num_train_epochs",
+)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Arguments
-# ---------------------------------------------------------------------------------------------------------
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every option's default, once: the value argparse knows, unless the help text already says where it comes
-    from (a preset, the model, Accelerate)."""
+    """Every option's default once: argparse's, unless the help already says where it comes from."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
             return text
-        if action.default is None:
-            return f"{text} (default: none)".strip()
-        if action.default is False:
-            return f"{text} (default: off)".strip()
-        return f"{text} (default: %(default)s)".strip()
+        if action.default is None or action.default is False:
+            return f"{text} (default: {'none' if action.default is None else 'off'})"
+        return f"{text} (default: %(default)s)"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -95,7 +104,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "(default: the preset's, else off).")
     g.add_argument("--train_split", default="train", help="Training split.")
     g.add_argument("--validation_split", default=None,
-                   help="Evaluation split (default: validation/val/valid/test, else 10%% of train carved with the seed).")
+                   help="Evaluation split (default: validation/val/valid/test, else --train_val_split of train).")
+    g.add_argument("--train_val_split", type=float, default=0.1,
+                   help="Share of train carved out (with the seed) when the dataset has no evaluation split.")
     g.add_argument("--crop_size", type=int, nargs="+", default=None, help="Training crop: S or H W (default: the preset's).")
     g.add_argument("--eval_short_side", type=int, default=None,
                    help="Resize evaluation images to this short side (default: whole images).")
@@ -108,7 +119,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--teacher_model_name_or_path", default=None,
                    help="Hub id, local folder (e.g. an earlier --distill none run) or config: preset "
                         "(default: the dataset preset's teacher).")
-    g.add_argument("--student_model_name_or_path", default=None,
+    g.add_argument("--student_model_name_or_path", "--model_name_or_path", default=None,
                    help="Hub id, local folder or config: preset (default: the dataset preset's student).")
     g.add_argument("--trust_remote_code", action="store_true", help="Allow models and datasets to run their own code.")
     g.add_argument("--eval_teacher", action="store_true", help="Evaluate the teacher once before training.")
@@ -135,31 +146,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max_train_steps", type=int, default=None,
                    help="Optimizer steps; overrides --num_train_epochs (default: epochs x steps per epoch).")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
-    g.add_argument("--lr_scheduler_type", choices=SCHEDULERS, default="poly", help="Learning-rate schedule.")
+    g.add_argument("--lr_scheduler_type", choices=SCHEDULERS, default="poly",
+                   help="Learning-rate schedule (transformers' get_scheduler; poly: polynomial, power 0.9).")
     g.add_argument("--num_warmup_steps", type=int, default=0, help="Linear warm-up steps.")
     g.add_argument("--max_grad_norm", type=float, default=None, help="Clip gradients to this norm (default: no clipping).")
     g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
                    help="Mixed precision (default: what `accelerate config` / `accelerate launch` says).")
     g.add_argument("--seed", type=int, default=42, help="Seed of data order, augmentation, initialization.")
-    g.add_argument("--skip_nonfinite_steps", action="store_true",
-                   help="Skip (and count) a step whose loss is NaN/Inf instead of stopping the run.")
 
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", default="outputs/aicsd", help="Where the student, checkpoints and logs go.")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Start a new run in --output_dir even if it holds another run's files or files no run "
+                        "wrote (the export is replaced at the end; other files stay).")
     g.add_argument("--checkpointing_steps", default=None,
                    help="Save the training state every N optimizer steps, or 'epoch' (default: no checkpoints).")
     g.add_argument("--checkpoints_total_limit", type=int, default=None,
                    help="Keep only the newest N checkpoints (default: keep all).")
     g.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest' (default: start afresh).")
-    g.add_argument("--eval_steps", type=int, default=None,
-                   help="Evaluate every N optimizer steps (default: only at the end).")
+    g.add_argument("--eval_steps", type=int, default=None, help="Evaluate every N optimizer steps (default: only at the end).")
     g.add_argument("--logging_steps", type=int, default=10, help="Log the loss terms every N optimizer steps.")
     g.add_argument("--with_tracking", action="store_true", help="Log to the trackers of --report_to.")
-    g.add_argument("--log_file", default=None,
-                   help="Append the logged metrics as JSON lines ({'step': N, 'train/loss': ...}), from the main "
-                        "process, averaged over all processes. Needs no tracker. After a resume, the steps after "
-                        "the checkpoint are logged again (the later line wins). (default: none)")
     g.add_argument("--report_to", default="all", help="Tracker(s) for --with_tracking: tensorboard, wandb, ..., all.")
+    g.add_argument("--log_file", default=None,
+                   help="Append the logged metrics as JSON lines ({'step': N, 'train/loss': ...}) from the main "
+                        "process, averaged over all processes; needs no tracker. After a resume, the steps after "
+                        "the checkpoint are logged again (the later line wins). (default: none)")
     g.add_argument("--push_to_hub", action="store_true", help="Push the student and its model card to the Hub.")
     g.add_argument("--hub_model_id", default=None, help="Hub repo id (default: the output folder's name).")
     g.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo private.")
@@ -167,16 +179,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="Licence id for the model card, e.g. apache-2.0 (default: the dataset card's license).")
     g.add_argument("--num_pictures", type=int, default=utils_hub.DEFAULT_NUM_PICTURES,
                    help="Validation images drawn in predictions.png and ics.png (0: no pictures).")
-    g.add_argument("--overwrite_output_dir", action="store_true",
-                   help="Start a new run in --output_dir even if it holds another run's files or files no run "
-                        "wrote (the export is replaced at the end; other files stay).")
-
     args = p.parse_args(argv)
     _resolve_defaults(args)
+    _check_values(args)
     return args
 
 
 def _resolve_defaults(args: argparse.Namespace) -> None:
+    """Fill in what the preset implies, so that equal settings compare equal (a resume checks them)."""
     if args.dataset is None and args.dataset_name is None:
         raise UsageError("pass --dataset (a preset) or --dataset_name (a Hub id or local folder)")
     if args.dataset is not None and args.dataset not in data.DATASET_PRESETS:
@@ -187,77 +197,93 @@ def _resolve_defaults(args: argparse.Namespace) -> None:
             raise UsageError("pass --student_model_name_or_path (no --dataset preset to take a default from)")
         args.student_model_name_or_path = preset.default_student
     if args.teacher_model_name_or_path is None and (args.distill != "none" or args.eval_teacher):
-        if preset is None:
+        if preset is None or preset.default_teacher is None:
             raise UsageError(f"--distill {args.distill} needs --teacher_model_name_or_path")
         args.teacher_model_name_or_path = preset.default_teacher
-    if args.crop_size is not None:
-        if len(args.crop_size) not in (1, 2) or min(args.crop_size) <= 0:
-            raise UsageError(f"--crop_size takes S or H W (positive); got {args.crop_size}")
-        args.crop_size = tuple(args.crop_size * 2 if len(args.crop_size) == 1 else args.crop_size)
+    if args.crop_size is None:
+        args.crop_size = list(preset.crop_size if preset else (512, 512))
+        size = re.fullmatch(r"(\d+)x(\d+)", args.dataset_config_name or "")
+        if args.dataset == "synthetic" and size:  # scenes smaller than the preset's crop
+            args.crop_size = [min(c, int(s)) for c, s in zip(args.crop_size, size.groups())]
+    if len(args.crop_size) not in (1, 2) or min(args.crop_size) <= 0:
+        raise UsageError(f"--crop_size takes S or H W (positive); got {args.crop_size}")
+    args.crop_size = tuple(args.crop_size * 2 if len(args.crop_size) == 1 else args.crop_size)
+    if args.ignore_index is None:
+        args.ignore_index = preset.ignore_index if preset else 255
+    if args.do_reduce_labels is None:
+        args.do_reduce_labels = preset is not None and preset.label_handling == data.LABELS_REDUCE
+    if args.lr_scheduler_type == "poly":
+        args.lr_scheduler_type = "polynomial"
+    if args.push_to_hub and args.hub_model_id is None:
+        args.hub_model_id = Path(args.output_dir).resolve().name
+        if problem := utils_hub.repo_id_problem(args.hub_model_id):
+            raise UsageError(f"--hub_model_id defaults to the --output_dir folder's name, which {problem}: pass one")
+
+
+def _check_values(args: argparse.Namespace) -> None:
+    """Refuse values that would fail later or train silently wrong (a negative clip norm ascends the gradient,
+    0 freezes the model, a negative weight flips a loss term), and a push that would fail after training."""
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                 "num_train_epochs", "logging_steps"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1; got {getattr(args, name)}")
-    for name in ("max_train_steps", "eval_steps", "checkpoints_total_limit", "max_train_samples", "max_eval_samples"):
+                 "num_train_epochs", "logging_steps", "max_train_steps", "eval_steps", "checkpoints_total_limit",
+                 "max_train_samples", "max_eval_samples", "eval_short_side"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1; got {getattr(args, name)}")
     for name in ("num_pictures", "dataloader_num_workers", "num_warmup_steps"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name} must be >= 0; got {getattr(args, name)}")
-    if args.eval_short_side is not None and args.eval_short_side < 1:
-        raise UsageError(f"--eval_short_side must be >= 1; got {args.eval_short_side}")
     if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be in [0, 2**32); got {args.seed}")
-    _check_real_numbers(args)
-    if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
-        if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
-            raise UsageError(f"--checkpointing_steps takes a positive integer or 'epoch'; got {args.checkpointing_steps!r}")
-    if args.push_to_hub and args.hub_model_id is None:
-        args.hub_model_id = Path(args.output_dir).resolve().name
-        if problem := utils_hub.repo_id_problem(args.hub_model_id):
-            raise UsageError(f"--hub_model_id defaults to the --output_dir folder's name, which {problem}: pass one")
+    if not 0 < args.train_val_split < 1:
+        raise UsageError(f"--train_val_split must be between 0 and 1; got {args.train_val_split}")
+    for name in ("learning_rate", "temperature", "max_grad_norm", "weight_decay", "lambda_ics", "lambda_kd",
+                 "lambda_cwd", "lambda_ickd"):
+        value, rule = getattr(args, name), "> 0" if name in ("learning_rate", "temperature", "max_grad_norm") else ">= 0"
+        if value is not None and not (math.isfinite(value) and (value > 0 if rule == "> 0" else value >= 0)):
+            raise UsageError(f"--{name} must be a finite number {rule}; got {value}")
+    if args.checkpointing_steps not in (None, "epoch") and not (
+            args.checkpointing_steps.isdigit() and int(args.checkpointing_steps) >= 1):
+        raise UsageError(f"--checkpointing_steps takes a positive integer or 'epoch'; got {args.checkpointing_steps!r}")
     # Before the id reaches a tracker's hparams or the card: a token pasted here would be published.
     if args.hub_model_id is not None and (problem := utils_hub.repo_id_problem(args.hub_model_id)):
         raise UsageError(f"--hub_model_id {problem}")
-    if args.push_to_hub:  # now, not after training
+    if args.push_to_hub:
         try:
             utils_hub.probe_hub_login()
         except utils_hub.HubProbeError as err:
-            advice = {utils_hub.OFFLINE: ": unset it, or drop --push_to_hub and upload the folder later "
-                                         "(`hf upload`)"}.get(err.kind, "")
+            advice = (": unset it, or drop --push_to_hub and upload the folder later (`hf upload`)"
+                      if err.kind == utils_hub.OFFLINE else "")
             raise UsageError(f"--push_to_hub needs the Hub, but {err}{advice}") from None
 
 
-def _check_real_numbers(args: argparse.Namespace) -> None:
-    """Float flags: NaN/Inf or a sign that would train silently wrong (a negative --max_grad_norm ascends the
-    gradient, 0 freezes the model; a negative weight flips a loss term) are refused."""
-    rules = {"learning_rate": "> 0", "temperature": "> 0", "max_grad_norm": "> 0", "weight_decay": ">= 0",
-             "lambda_ics": ">= 0", "lambda_kd": ">= 0", "lambda_cwd": ">= 0", "lambda_ickd": ">= 0"}
-    for name, rule in rules.items():
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and (value > 0 if rule == "> 0" else value >= 0)):
-            raise UsageError(f"--{name} must be a finite number {rule}; got {value}")
+def run_settings(args: argparse.Namespace, accelerator: Accelerator) -> dict:
+    """What defines the run, as ``run.json`` records it: :data:`RUN_SETTINGS`, the global batch and the mixed
+    precision. A local folder is recorded by name and fingerprint, never its path; the id2label file by content."""
+    settings = {name: utils.fingerprint(getattr(args, name)) for name in RUN_SETTINGS}
+    if args.distill == "none":
+        settings["teacher_model_name_or_path"] = None
+    if args.id2label:
+        settings["id2label"] = hashlib.sha256(Path(args.id2label).read_bytes()).hexdigest()[:10] if Path(
+            args.id2label).is_file() else args.id2label
+    if args.max_train_steps is not None:
+        settings["num_train_epochs"] = None  # overridden
+    settings["global_batch_size"] = (args.per_device_train_batch_size * accelerator.num_processes
+                                     * args.gradient_accumulation_steps)
+    settings["mixed_precision"] = accelerator.mixed_precision
+    return json.loads(json.dumps(settings))  # tuples as lists, as a reread run.json holds them
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The objective of each --distill mode
 # ---------------------------------------------------------------------------------------------------------
-def step_losses(
-    args: argparse.Namespace,
-    s_logits: torch.Tensor,
-    t_logits: torch.Tensor | None,
-    labels: torch.Tensor,
-    ignore_index: int,
-    alpha: float,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def step_losses(args: argparse.Namespace, s_logits: torch.Tensor, t_logits: torch.Tensor | None,
+                labels: torch.Tensor, ignore_index: int, alpha: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The training loss of ``--distill`` and its terms for logging, named as in :data:`LOSS_TERMS`.
 
     ``s_logits`` (B, C, hs, ws), ``t_logits`` (B, C, ht, wt) or None for ``none``, ``labels`` (B, H, W). The
     logged terms are weighted as they enter the loss; the unweighted ones are logged as ``raw_*``.
     """
     ce = losses.masked_cross_entropy(s_logits, labels, ignore_index)
-    valid = labels != ignore_index
-    T, mode = args.temperature, args.distill
+    valid, T, mode = labels != ignore_index, args.temperature, args.distill
     if mode == "none":
         return ce, {"ce": ce.detach()}
     if mode in ("icsd", "aicsd"):
@@ -268,8 +294,7 @@ def step_losses(
         else:
             loss, terms = alw.fixed_combine(ce, ics, kd, args.lambda_ics, args.lambda_kd)
         terms = {k: v for k, v in terms.items() if k != "alpha"}
-        terms.update(raw_ce=ce.detach(), raw_ics=ics.detach(), raw_kd=kd.detach())
-        return loss, terms
+        return loss, {**terms, "raw_ce": ce.detach(), "raw_ics": ics.detach(), "raw_kd": kd.detach()}
     if mode == "kd":
         term, weight = losses.kd_loss(s_logits, t_logits, valid, T), args.lambda_kd
     elif mode == "cwd":
@@ -290,8 +315,7 @@ def predict_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], adapte
     logits = F.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
     preds = []
     for b in range(logits.shape[0]):
-        ih, iw = batch["image_sizes"][b].tolist()
-        lh, lw = batch["label_sizes"][b].tolist()
+        (ih, iw), (lh, lw) = batch["image_sizes"][b].tolist(), batch["label_sizes"][b].tolist()
         one = logits[b : b + 1, :, :ih, :iw]
         if (ih, iw) != (lh, lw):
             one = F.interpolate(one, size=(lh, lw), mode="bilinear", align_corners=False)
@@ -299,24 +323,18 @@ def predict_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], adapte
     return preds
 
 
-def evaluate(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    dataloader: DataLoader,
-    num_labels: int,
-    ignore_index: int,
-    adapter: Callable,
-    desc: str = "eval",
-) -> tuple[torch.Tensor | None, int]:
-    """Confusion matrix (C, C) of ``model`` over the eval set and the number of samples skipped as undecodable
-    (``--skip_bad_samples``), both summed over processes (each evaluates its own share). The matrix is None
-    when a process was asked to stop (SIGTERM, or its launcher died): each stops within one batch."""
+def evaluate(accelerator: Accelerator, model: torch.nn.Module, dataloader: DataLoader, info: data.DataInfo,
+             adapter: Callable, desc: str = "eval") -> tuple[torch.Tensor | None, int]:
+    """Confusion matrix (C, C) of ``model`` over the evaluation set and the samples skipped as undecodable, both
+    summed over processes (each evaluates its own shard). None when a process was asked to stop: each stops
+    within one batch. Without a terminal, progress is logged every 30 s."""
     was_training = model.training
     model.eval()
-    cm = torch.zeros(num_labels, num_labels, dtype=torch.long, device=accelerator.device)
-    skipped, stopped = 0, False
+    cm = torch.zeros(info.num_labels, info.num_labels, dtype=torch.long, device=accelerator.device)
+    skipped, stopped, started, shown = 0, False, time.time(), time.time()
     logger.info(f"{desc}: {utils.plural(len(dataloader.dataset), 'image')} on this process")
-    for batch in tqdm(dataloader, desc=desc, disable=not utils.show_progress_bars(accelerator), leave=False):
+    quiet = not utils.show_progress_bars(accelerator)
+    for i, batch in enumerate(tqdm(dataloader, desc=desc, disable=quiet, leave=False)):
         if utils.stop_requested():  # shards differ in length: processes agree after the loop, not per batch
             stopped = True
             break
@@ -329,10 +347,14 @@ def evaluate(
             preds = predict_batch(model, batch, adapter)
         for b, pred in enumerate(preds):
             lh, lw = batch["label_sizes"][b].tolist()
-            cm += utils.confusion_matrix(pred, batch["labels"][b, :lh, :lw], num_labels, ignore_index)
+            cm += utils.confusion_matrix(pred, batch["labels"][b, :lh, :lw], info.num_labels, info.ignore_index)
+        if quiet and time.time() - shown > 30:
+            shown, elapsed = time.time(), time.time() - started
+            logger.info(f"{desc}: batch {i + 1}/{len(dataloader)}, {utils.format_duration(elapsed)}, about "
+                        f"{utils.format_duration(elapsed / (i + 1) * (len(dataloader) - i - 1))} left")
     model.train(was_training)
-    skipped, stopped = (int(v) for v in accelerator.reduce(torch.tensor([skipped, int(stopped)],
-                                                                         device=accelerator.device), reduction="sum"))
+    flags = accelerator.reduce(torch.tensor([skipped, int(stopped)], device=accelerator.device), reduction="sum")
+    skipped, stopped = (int(v) for v in flags)
     if stopped:
         return None, skipped
     if skipped:
@@ -340,25 +362,11 @@ def evaluate(
     return accelerator.reduce(cm, reduction="sum"), skipped
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Output: pictures for the model card (the export itself and the push are in utils_hub.py)
-# ---------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def picture_rows(
-    accelerator: Accelerator,
-    roles: dict[str, tuple[torch.nn.Module, Callable]],
-    eval_ds: torch.utils.data.Dataset,
-    eval_hf,
-    info: data.DataInfo,
-    count: int,
-    temperature: float,
-) -> list[utils_hub.PictureRow]:
-    """The student's (and teacher's) predictions and ICS matrices on ``count`` fixed validation images.
-
-    ``roles`` maps "student" (and "teacher") to (model, input adapter). Predictions go through
-    ``predict_batch``, as in evaluation; the ICS matrices (C, C) are ``losses.ics_matrix`` of the logits over
-    the image's valid pixels, row-normalised as ICSD compares them.
-    """
+def picture_rows(accelerator: Accelerator, roles: dict[str, tuple[torch.nn.Module, Callable]], eval_ds, eval_hf,
+                 info: data.DataInfo, count: int, temperature: float) -> list[utils_hub.PictureRow]:
+    """The student's (and teacher's) predictions and row-normalised ICS matrices (C, C) on ``count`` fixed
+    validation images; ``roles`` maps "student" (and "teacher") to (model, input adapter)."""
     rows = []
     for index in utils_hub.picture_indices(len(eval_ds), count):
         sample = eval_ds[index]
@@ -366,8 +374,7 @@ def picture_rows(
             continue
         batch = {k: v if k.endswith("_sizes") else v.to(accelerator.device)
                  for k, v in data.eval_collate([sample]).items() if k != "num_skipped"}
-        label = batch["labels"][0]
-        out = {}
+        label, out = batch["labels"][0], {}
         for role, (model, adapter) in roles.items():
             was_training = model.training
             model.eval()
@@ -383,130 +390,106 @@ def picture_rows(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Before the first step: a few samples of each split, decoded and checked on CPU
+# The pieces main() puts together
 # ---------------------------------------------------------------------------------------------------------
 def preflight(train_hf, eval_hf, info: data.DataInfo, skip_bad_samples: bool) -> None:
-    """Decode ``PREFLIGHT_SAMPLES`` samples spread over each split, as the pipelines will.
-
-    Problems that affect a whole dataset (label values outside the classes, images and masks of different
-    sizes, undecodable files) then stop the run with one line before any model is loaded. Every other
-    sample gets the same checks when its batch is loaded, still on CPU.
-    """
+    """Decode ``PREFLIGHT_SAMPLES`` samples spread over each split as the pipelines will, so that a problem of the
+    whole dataset (labels outside the classes, images and masks of different sizes, undecodable files) stops the
+    run in one line before any model is loaded. Every other sample is checked when its batch is loaded."""
     for split in (train_hf, eval_hf):
         ds = data.build_eval_dataset(split, info, pad_mean=(0.0, 0.0, 0.0), skip_bad_samples=skip_bad_samples)
         for index in torch.linspace(0, len(ds) - 1, min(len(ds), PREFLIGHT_SAMPLES)).round().long().unique().tolist():
             ds[index]  # raises DataError naming the sample (or, with skip_bad_samples, warns)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The pieces main() puts together
-# ---------------------------------------------------------------------------------------------------------
-def load_models(args: argparse.Namespace, info: data.DataInfo, accelerator: Accelerator) -> dict:
-    """Student (trainable) and teacher (frozen, on the device, never wrapped in DDP), with their input adapters.
-
-    Returns a dict with ``student``, ``processor`` (the student's image processor), ``student_adapter``,
-    ``teacher`` and ``teacher_adapter`` (both None when the run needs no teacher), ``mean`` (the student's
-    mean colour, which pads images: each adapter normalizes uint8 batches on the device for its own model) and
-    ``min_side`` (the smallest input side both run on). Refuses, in one line, weights holding NaN/Inf and a
-    training crop or ``--eval_short_side`` below ``min_side``.
-    """
-    student = models.load_student(args.student_model_name_or_path, info.id2label, trust_remote_code=args.trust_remote_code)
-    processor = models.load_image_processor(args.student_model_name_or_path, trust_remote_code=args.trust_remote_code)
-    mean, _ = models.processor_mean_std(processor)  # the student's mean colour pads images (data.py)
-    teacher, teacher_adapter = None, None
+def load_models(args: argparse.Namespace, info: data.DataInfo, accelerator: Accelerator) -> argparse.Namespace:
+    """The student (trainable) and the frozen teacher (on the device, never wrapped in DDP; None when the run needs
+    none) with their image processors' input adapters, and ``min_side``, the smallest input side both run on."""
+    trust = args.trust_remote_code
+    nets = argparse.Namespace(teacher=None, teacher_adapter=None, teacher_checked=False)
+    nets.student = models.load_student(args.student_model_name_or_path, info.id2label, trust_remote_code=trust)
+    nets.processor = models.load_image_processor(args.student_model_name_or_path, trust_remote_code=trust)
+    nets.student_adapter = models.make_input_adapter(nets.processor)
+    nets.mean = models.processor_mean_std(nets.processor)[0]  # the student's mean colour pads images
     if args.teacher_model_name_or_path and (args.distill != "none" or args.eval_teacher):
-        teacher = models.load_teacher(args.teacher_model_name_or_path, info.id2label,
-                                      trust_remote_code=args.trust_remote_code)
-        models.check_same_classes(teacher, student)
-        teacher_processor = models.load_image_processor(args.teacher_model_name_or_path, role="teacher",
-                                                        trust_remote_code=args.trust_remote_code)
-        teacher_adapter = models.make_input_adapter(teacher_processor)
-        teacher.to(accelerator.device)  # prepare() refuses a model without trainable parameters
-    min_side = check_models(args, info, {"student": student, "teacher": teacher})
-    logger.info(f"student {args.student_model_name_or_path}: {models.count_parameters(student) / 1e6:.2f} M parameters"
-                + (f"; teacher {args.teacher_model_name_or_path}: {models.count_parameters(teacher) / 1e6:.2f} M"
-                   if teacher is not None else ""))
-    return dict(student=student, processor=processor, student_adapter=models.make_input_adapter(processor),
-                teacher=teacher, teacher_adapter=teacher_adapter, mean=mean, min_side=min_side,
-                teacher_logits_checked=False)
+        nets.teacher = models.load_teacher(args.teacher_model_name_or_path, info.id2label, trust_remote_code=trust)
+        models.check_same_classes(nets.teacher, nets.student)
+        nets.teacher_adapter = models.make_input_adapter(
+            models.load_image_processor(args.teacher_model_name_or_path, role="teacher", trust_remote_code=trust))
+        nets.teacher.to(accelerator.device)  # prepare() refuses a model without trainable parameters
+    nets.min_side = max(check_model(args, role, model) for role, model in (("student", nets.student),
+                                                                           ("teacher", nets.teacher)))
+    sizes = [f"{role} {getattr(args, f'{role}_model_name_or_path')}: {models.count_parameters(m) / 1e6:.2f} M parameters"
+             for role, m in (("student", nets.student), ("teacher", nets.teacher)) if m is not None]
+    logger.info("; ".join(sizes))
+    return nets
 
 
-def check_models(args: argparse.Namespace, info: data.DataInfo, nets: dict) -> int:
-    """Refuse in one line, before training: a model whose weights hold NaN/Inf (every loss would be non-finite,
-    whatever the learning rate), and a training crop or ``--eval_short_side`` smaller than a model runs on
-    (found by dry forward passes). ``nets`` maps "student"/"teacher" to the model, or None. Returns the
-    smallest input side every model runs on: evaluation pads smaller images up to it."""
-    crop, sides = args.crop_size or info.crop_size, [1]
-    for role, model in nets.items():
-        if model is None:
-            continue
-        flag = f"--{role}_model_name_or_path {getattr(args, f'{role}_model_name_or_path')}"
-        if (bad := utils.first_nonfinite(model)) is not None:
-            raise UsageError(f"{flag}: the {role}'s weights hold NaN/Inf (first in {bad}); train it again or "
-                             "load another checkpoint")
-        side = models.smallest_input_side(model)
-        sides.append(side)
-        if min(crop) < side and (role == "student" or args.distill != "none"):
-            raise UsageError(f"the training crop {crop[0]}x{crop[1]} (--crop_size) is smaller than the {role} "
-                             f"({flag}) takes: at least {side} px per side")
-        if role == "student" and args.per_device_train_batch_size == 1 and (
-                problem := models.one_sample_training_error(model, max(side, min(crop)))):
-            raise UsageError(f"--per_device_train_batch_size 1: the student ({flag}) cannot train on one sample per "
-                             f"device ({problem}); use 2 or more")
-        if args.eval_short_side is not None and args.eval_short_side < side:
-            raise UsageError(f"--eval_short_side {args.eval_short_side} is smaller than the {role} ({flag}) "
-                             f"takes: at least {side} px")
-    return max(sides)
+def check_model(args: argparse.Namespace, role: str, model: torch.nn.Module | None) -> int:
+    """Refuse in one line a model whose weights hold NaN/Inf, and a crop, ``--eval_short_side`` or batch of one
+    that it cannot take (found by dry passes); return the smallest input side it runs on (1 for no model)."""
+    if model is None:
+        return 1
+    flag = f"--{role}_model_name_or_path {getattr(args, f'{role}_model_name_or_path')}"
+    if (bad := utils.first_nonfinite(model)) is not None:
+        raise UsageError(f"{flag}: the {role}'s weights hold NaN/Inf (first in {bad}); train it again or load "
+                         "another checkpoint")
+    side, crop = models.smallest_input_side(model), args.crop_size
+    if min(crop) < side and (role == "student" or args.distill != "none"):
+        raise UsageError(f"the training crop {crop[0]}x{crop[1]} (--crop_size) is smaller than the {role} ({flag}) "
+                         f"takes: at least {side} px per side")
+    if role == "student" and args.per_device_train_batch_size == 1 and (
+            problem := models.one_sample_training_error(model, max(side, min(crop)))):
+        raise UsageError(f"--per_device_train_batch_size 1: the student ({flag}) cannot train on one sample per "
+                         f"device ({problem}); use 2 or more")
+    if args.eval_short_side is not None and args.eval_short_side < side:
+        raise UsageError(f"--eval_short_side {args.eval_short_side} is smaller than the {role} ({flag}) takes: at "
+                         f"least {side} px")
+    return side
 
 
-def build_dataloaders(args: argparse.Namespace, train_hf, eval_hf, info: data.DataInfo, mean,
-                      accelerator: Accelerator, min_side: int = 1) -> argparse.Namespace:
-    """``train``: the training loader (a seeded permutation per epoch, deterministic augmentation per sample),
-    with its ``sampler`` and ``train_ds`` (both take ``set_epoch``); ``eval``: this process's shard of the
-    evaluation set, whose images are padded to at least ``min_side`` px per side."""
-    train_ds = data.build_train_dataset(train_hf, info, crop_size=args.crop_size or info.crop_size, pad_mean=mean,
-                                        seed=args.seed, skip_bad_samples=args.skip_bad_samples)
-    eval_ds = data.build_eval_dataset(eval_hf, info, pad_mean=mean, short_side=args.eval_short_side,
-                                      skip_bad_samples=args.skip_bad_samples, min_size=min_side)
-    loader_kwargs = dict(num_workers=args.dataloader_num_workers, worker_init_fn=utils.worker_init,
-                         pin_memory=accelerator.device.type == "cuda",
-                         generator=torch.Generator().manual_seed(args.seed))
-    sampler = utils.EpochShuffleSampler(len(train_ds), args.seed)
-    # Every sample's labels are checked as it is decoded, in the worker, on CPU (data.py): a bad label never
-    # reaches a GPU as a device-side assert.
-    train_dataloader = DataLoader(
-        train_ds, batch_sampler=BatchSampler(sampler, args.per_device_train_batch_size, drop_last=True),
-        collate_fn=data.train_collate, **loader_kwargs)
-    # Evaluation is sharded by hand (every process a disjoint slice, no padding with repeated samples) so
-    # the summed confusion matrix is exact for any number of processes.
+def build_dataloaders(args, train_hf, eval_hf, info: data.DataInfo, nets, accelerator: Accelerator):
+    """``train``: a seeded permutation per epoch cut to whole optimizer steps, with per-sample deterministic
+    augmentation (``sampler`` and ``train_ds`` take ``set_epoch``); ``eval``: this process's shard, exact for
+    any number of processes (disjoint slices, no padding with repeated samples)."""
+    train_ds = data.build_train_dataset(train_hf, info, crop_size=args.crop_size, pad_mean=nets.mean, seed=args.seed,
+                                        skip_bad_samples=args.skip_bad_samples)
+    eval_ds = data.build_eval_dataset(eval_hf, info, pad_mean=nets.mean, short_side=args.eval_short_side,
+                                      skip_bad_samples=args.skip_bad_samples, min_size=nets.min_side)
+    kwargs = dict(num_workers=args.dataloader_num_workers, worker_init_fn=utils.worker_init,
+                  pin_memory=accelerator.device.type == "cuda", generator=torch.Generator().manual_seed(args.seed))
+    step_samples = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    sampler = utils.EpochShuffleSampler(len(train_ds), args.seed, multiple=step_samples)
+    if len(sampler) == 0:
+        raise UsageError(f"the training split has {len(train_ds)} samples, fewer than one optimizer step takes "
+                         f"({args.per_device_train_batch_size} per device x {accelerator.num_processes} processes x "
+                         f"{args.gradient_accumulation_steps} accumulation steps = {step_samples}): lower the batch "
+                         "size or --gradient_accumulation_steps, or use more training data")
+    train = DataLoader(train_ds, batch_sampler=BatchSampler(sampler, args.per_device_train_batch_size, drop_last=True),
+                       collate_fn=data.train_collate, **kwargs)
     shard = Subset(eval_ds, range(accelerator.process_index, len(eval_ds), accelerator.num_processes))
-    eval_dataloader = DataLoader(shard, batch_size=args.per_device_eval_batch_size, shuffle=False,
-                                 collate_fn=data.eval_collate, **loader_kwargs)
-    return argparse.Namespace(train=train_dataloader, eval=eval_dataloader, sampler=sampler, train_ds=train_ds,
-                              eval_ds=eval_ds)
+    evaluation = DataLoader(shard, batch_size=args.per_device_eval_batch_size, collate_fn=data.eval_collate, **kwargs)
+    return argparse.Namespace(train=train, eval=evaluation, sampler=sampler, train_ds=train_ds, eval_ds=eval_ds)
 
 
-def plan_schedule(args: argparse.Namespace, batches_per_epoch: int) -> argparse.Namespace:
-    """Optimizer steps per epoch, ``max_train_steps``, ``num_epochs``, the ALW horizon and checkpoint interval."""
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+def plan_schedule(args: argparse.Namespace, steps_per_epoch: int) -> argparse.Namespace:
+    """``max_train_steps``, ``num_epochs``, the ALW horizon ``alw_total`` and the checkpoint interval."""
     if args.max_train_steps is None:
         max_train_steps, num_epochs = args.num_train_epochs * steps_per_epoch, args.num_train_epochs
     else:
         max_train_steps, num_epochs = args.max_train_steps, math.ceil(args.max_train_steps / steps_per_epoch)
-    if args.distill == "aicsd" and args.alw_granularity == "epoch" and num_epochs == 1:
-        # alpha = epoch / epochs is 0 for the whole run: no CE, no ICSD, only KD.
-        raise UsageError("--alw_granularity epoch over a 1-epoch run keeps ALW's alpha at 0 throughout (no CE, no "
-                         "ICSD: pure KD); use --alw_granularity step (the default) or train for more epochs")
-    if args.distill == "aicsd" and args.alw_granularity == "epoch" and num_epochs < 10:
-        logger.warning(f"ALW at epoch granularity over {num_epochs} epochs: alpha takes only {num_epochs} values "
-                       f"({', '.join(f'{alw.alw_alpha(e, num_epochs):.2f}' for e in range(num_epochs))}); "
-                       "--alw_granularity step moves it every optimizer step")
-    checkpoint_every = (steps_per_epoch if args.checkpointing_steps == "epoch"
-                        else int(args.checkpointing_steps) if args.checkpointing_steps else None)
-    return argparse.Namespace(
-        steps_per_epoch=steps_per_epoch, max_train_steps=max_train_steps, num_epochs=num_epochs,
-        alw_total=num_epochs if args.alw_granularity == "epoch" else max_train_steps,
-        checkpoint_every=checkpoint_every)
+    if args.distill == "aicsd" and args.alw_granularity == "epoch":
+        if num_epochs == 1:  # alpha = epoch / epochs is 0 for the whole run: no CE, no ICSD, only KD
+            raise UsageError("--alw_granularity epoch over a 1-epoch run keeps ALW's alpha at 0 throughout (no CE, "
+                             "no ICSD: pure KD); use --alw_granularity step (the default) or train for more epochs")
+        if num_epochs < 10:
+            logger.warning(f"ALW at epoch granularity over {num_epochs} epochs: alpha takes only {num_epochs} values "
+                           f"({', '.join(f'{alw.alw_alpha(e, num_epochs):.2f}' for e in range(num_epochs))}); "
+                           "--alw_granularity step moves it every optimizer step")
+    every = {None: None, "epoch": steps_per_epoch}.get(args.checkpointing_steps) or int(args.checkpointing_steps or 0)
+    return argparse.Namespace(steps_per_epoch=steps_per_epoch, max_train_steps=max_train_steps, num_epochs=num_epochs,
+                              alw_total=num_epochs if args.alw_granularity == "epoch" else max_train_steps,
+                              checkpoint_every=every or None)
 
 
 def alw_alpha_at(args: argparse.Namespace, plan: argparse.Namespace, epoch: int, step: int) -> float:
@@ -517,26 +500,23 @@ def alw_alpha_at(args: argparse.Namespace, plan: argparse.Namespace, epoch: int,
 def epoch_loader(accelerator: Accelerator, loaders: argparse.Namespace, epoch: int, skip_batches: int):
     """The training loader of ``epoch``, past its first ``skip_batches`` batches (a resumed epoch)."""
     loader = accelerator.skip_first_batches(loaders.train, skip_batches) if skip_batches else loaders.train
-    # Accelerate's loader re-seeds the sampler with its own iteration count when iterated: align it with
-    # the epoch, which differs after a resume; then seed the sampler and the augmentations ourselves.
+    # Accelerate's loader re-seeds the sampler with its own iteration count: align it with the epoch, which
+    # differs after a resume; then seed the sampler and the augmentations ourselves.
     loader.set_epoch(epoch)
     loaders.sampler.set_epoch(epoch)
     loaders.train_ds.set_epoch(epoch)
     return loader
 
 
-def teacher_logits(models_: dict, args: argparse.Namespace, pixel_values: torch.Tensor,
-                   accelerator: Accelerator) -> torch.Tensor | None:
-    """The frozen teacher's logits (B, C, ht, wt), or None when the objective needs no teacher.
-
-    The first batch's are checked (one host sync): non-finite teacher logits are the teacher's fault, not a
-    learning rate's, and are reported as such."""
-    if models_["teacher"] is None or args.distill == "none":
+def teacher_logits(nets, args: argparse.Namespace, pixel_values: torch.Tensor, accelerator: Accelerator):
+    """The frozen teacher's logits (B, C, ht, wt), or None when the objective needs no teacher. The first batch's
+    are checked (one host sync): non-finite teacher logits are the teacher's fault, not a learning rate's."""
+    if nets.teacher is None or args.distill == "none":
         return None
     with torch.no_grad(), accelerator.autocast():
-        logits = models.segmentation_logits(models_["teacher"], models_["teacher_adapter"](pixel_values))
-    if not models_["teacher_logits_checked"]:
-        models_["teacher_logits_checked"] = True
+        logits = models.segmentation_logits(nets.teacher, nets.teacher_adapter(pixel_values))
+    if not nets.teacher_checked:
+        nets.teacher_checked = True
         if not torch.isfinite(logits).all():
             hint = "; try --mixed_precision bf16 or no" if accelerator.mixed_precision == "fp16" else ""
             raise FloatingPointError(f"the teacher {args.teacher_model_name_or_path} gives NaN/Inf logits on the "
@@ -544,35 +524,64 @@ def teacher_logits(models_: dict, args: argparse.Namespace, pixel_values: torch.
     return logits
 
 
-def optimizer_step(args: argparse.Namespace, accelerator: Accelerator, student, optimizer, step: int,
-                   max_train_steps: int) -> None:
+def optimizer_step(args, accelerator: Accelerator, student, optimizer, schedule: Callable[[int], float],
+                   step: int) -> None:
     """Clip, set the learning rate of optimizer step ``step`` (a pure function of it: resume is exact), step."""
     if args.max_grad_norm is not None:
         accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
-    lr = args.learning_rate * utils.lr_factor(step, max_train_steps, args.lr_scheduler_type, args.num_warmup_steps)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = args.learning_rate * schedule(step)
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
-def eval_student(accelerator, student, eval_dataloader, info, models_, step: int, log) -> bool:
-    """A mid-training evaluation, logged as ``eval/*``; the student goes back to training mode. Returns whether
-    it was stopped (SIGTERM) before the end, then nothing is logged."""
-    cm, _ = evaluate(accelerator, accelerator.unwrap_model(student), eval_dataloader, info.num_labels,
-                     info.ignore_index, models_["student_adapter"])
+def setup_logging(accelerator: Accelerator, seed: int) -> None:
+    """Log lines with a time stamp (the main process's, warnings from the others), quiet library bars, the seed
+    and the stop handlers: what every run starts with."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, force=True)
+    if not accelerator.is_local_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    logger.info(str(accelerator.state).replace("\n\n", "\n").strip().replace("\n", "; "), main_process_only=False)
+    utils.quiet_libraries(accelerator)
+    set_seed(seed)
+    utils.install_stop_handlers()
+
+
+def lr_schedule(args: argparse.Namespace, optimizer, max_train_steps: int) -> Callable[[int], float]:
+    """The learning-rate factor of each optimizer step (0-based), from transformers' schedule of that name; a pure
+    function of the step, so that a resumed run sets exactly the rates an uninterrupted one did."""
+    kwargs = {"power": 0.9, "lr_end": 0.0} if args.lr_scheduler_type == "polynomial" else None
+    return get_scheduler(args.lr_scheduler_type, optimizer.optimizer, num_warmup_steps=args.num_warmup_steps,
+                         num_training_steps=max_train_steps, scheduler_specific_kwargs=kwargs).lr_lambdas[0]
+
+
+def evaluate_teacher(args, accelerator: Accelerator, nets, loaders, info: data.DataInfo) -> dict:
+    """``--eval_teacher``: the teacher's metrics as ``teacher_eval_*`` (empty when not asked, or stopped)."""
+    if not args.eval_teacher or nets.teacher is None:
+        return {}
+    cm, _ = evaluate(accelerator, nets.teacher, loaders.eval, info, nets.teacher_adapter, "eval teacher")
+    if cm is None:  # stopped by SIGTERM, and so is training, at its first step
+        return {}
+    results = {f"teacher_eval_{k}": v for k, v in utils.metrics_from_confusion(cm).items()}
+    logger.info(f"teacher: {utils.format_metrics(results, 'teacher_eval_')}")
+    return results
+
+
+def evaluate_student(accelerator: Accelerator, student, loaders, info, nets, step: int, log) -> bool:
+    """A mid-training evaluation, logged as ``eval/*``; False when it was stopped (SIGTERM) before its end."""
+    cm, _ = evaluate(accelerator, accelerator.unwrap_model(student), loaders.eval, info, nets.student_adapter)
     student.train()
     if cm is None:
-        return True
-    m = utils.metrics_from_confusion(cm)
-    logger.info(f"step {step}: {utils.format_metrics(m)}")
-    log({f"eval/{k}": v for k, v in m.items() if not k.startswith("per_")}, step)
-    return False
+        return False
+    metrics = utils.metrics_from_confusion(cm)
+    logger.info(f"step {step}: {utils.format_metrics(metrics)}")
+    log({f"eval/{k}": v for k, v in metrics.items() if not k.startswith("per_")}, step)
+    return True
 
 
-def save_model(args, accelerator, student, nets: dict) -> None:
-    """The trained student for ``from_pretrained``: weights, config and an image processor that prepares images
-    as evaluation does, moved into place all or nothing. Saved before the final evaluation, which then measures
-    exactly this model."""
+def save_model(args, accelerator: Accelerator, student, nets) -> None:
+    """The trained student for ``from_pretrained`` (weights, config, an image processor that prepares images as
+    evaluation does), moved into place all or nothing, before the final evaluation measures exactly it."""
     utils.check_finite_model(student, "the final model")
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(student)
@@ -580,32 +589,29 @@ def save_model(args, accelerator, student, nets: dict) -> None:
     with utils.ExportWriter(accelerator, args.output_dir, utils.state_bytes(unwrapped) + 2**20) as staging:
         if accelerator.is_main_process:
             unwrapped.save_pretrained(staging, save_function=accelerator.save, state_dict=state_dict)
-            utils_hub.evaluation_processor(nets["processor"], args.eval_short_side).save_pretrained(staging)
+            utils_hub.evaluation_processor(nets.processor, args.eval_short_side).save_pretrained(staging)
             utils_hub.make_readable(staging)
 
 
-def save_card(args, accelerator, student, nets: dict, loaders, eval_hf, info, results: dict) -> None:
-    """Next to the saved model (utils_hub.py): pictures, ``all_results.json`` and the model card; then the push."""
+def save_card(args, accelerator: Accelerator, student, nets, loaders, eval_hf, info, results: dict) -> None:
+    """Next to the saved model: the pictures, ``all_results.json`` and the model card (all or nothing); the push."""
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(student)
-    # Every process draws the pictures' predictions (as in evaluate, the student may be sharded); the main
-    # process writes, into a staging folder moved in beside the model once complete (all or nothing).
-    roles = {"student": (unwrapped, nets["student_adapter"])}
-    if nets["teacher"] is not None:
-        roles["teacher"] = (nets["teacher"], nets["teacher_adapter"])
+    roles = {"student": (unwrapped, nets.student_adapter)}
+    if nets.teacher is not None:
+        roles["teacher"] = (nets.teacher, nets.teacher_adapter)
+    # Every process draws the predictions (the student may be sharded); the main process writes.
     rows = picture_rows(accelerator, roles, loaders.eval_ds, eval_hf, info, args.num_pictures, args.temperature)
     with utils.ExportWriter(accelerator, args.output_dir, 2**20, keep_others=True) as staging:
         if accelerator.is_main_process:
-            with open(staging / utils_hub.RESULTS_FILE, "w") as f:
-                json.dump(results, f, indent=2)
-            teacher = nets["teacher"]
-            facts = None if teacher is None else utils_hub.describe_model(args.teacher_model_name_or_path, teacher)
+            (staging / utils_hub.RESULTS_FILE).write_text(json.dumps(results, indent=2))
+            teacher = None if nets.teacher is None else utils_hub.describe_model(args.teacher_model_name_or_path,
+                                                                                 nets.teacher)
+            split = str(getattr(eval_hf, "split", None) or "validation")
             utils_hub.export_folder(
-                staging, args=args, info=info, results=results, processor=nets["processor"], rows=rows,
-                argv=sys.argv, student=utils_hub.describe_model(args.student_model_name_or_path, unwrapped),
-                teacher=facts,
-                dataset=utils_hub.describe_dataset(info, str(getattr(eval_hf, "split", None) or "validation"),
-                                                   len(loaders.eval_ds), args.max_eval_samples is not None))
+                staging, args=args, info=info, results=results, processor=nets.processor, rows=rows, argv=sys.argv,
+                student=utils_hub.describe_model(args.student_model_name_or_path, unwrapped), teacher=teacher,
+                dataset=utils_hub.describe_dataset(info, split, len(loaders.eval_ds), args.max_eval_samples is not None))
     if args.push_to_hub and accelerator.is_main_process:
         utils_hub.push_to_hub(args.output_dir, args.hub_model_id, private=args.hub_private_repo,
                               commit_message=f"AICSD student ({args.distill})")
@@ -619,82 +625,66 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Train (and distil) the student as the flags say; return the final metrics (``all_results.json``)."""
     args = parse_args(argv)
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision,
-                              project_dir=str(Path(args.output_dir) / utils_hub.TRACKER_DIR),  # outside the export
-                              log_with=args.report_to if args.with_tracking else None)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if not accelerator.is_local_main_process:
-        logging.getLogger().setLevel(logging.WARNING)
-    logger.info(str(accelerator.state).replace("\n\n", "\n").strip().replace("\n", "; "), main_process_only=False)
-    utils.quiet_library_progress_bars(accelerator)
-    utils.one_line_warnings()
-    set_seed(args.seed)
-    utils.install_stop_handlers()
-    run = utils.claim_output_dir(accelerator, args)  # writable, locked, not another run's: before anything else
+                              mixed_precision=args.mixed_precision, log_with=args.report_to if args.with_tracking else None,
+                              project_dir=str(Path(args.output_dir) / utils_hub.TRACKER_DIR))  # outside the export
+    setup_logging(accelerator, args.seed)
+    # Before anything else: the folder is writable, locked, and not another run's.
+    sources = {f: getattr(args, f) for f in ("teacher_model_name_or_path", "student_model_name_or_path", "dataset_name")}
+    run = utils.claim_output_dir(accelerator, args.output_dir, run_settings(args, accelerator), sources,
+                                 args.resume_from_checkpoint, args.overwrite_output_dir, args.log_file)
 
     # Load dataset
-    train_hf, eval_hf, info = data.load_splits(data.DataOptions.from_args(args))
+    options = dataclasses.replace(data.DataOptions.from_args(args), validation_fraction=args.train_val_split)
+    train_hf, eval_hf, info = data.load_splits(options)
     for note in info.notes:
         logger.info(note)
     data.check_split_sizes(train_hf, eval_hf, args.per_device_train_batch_size, accelerator.num_processes)
     preflight(train_hf, eval_hf, info, args.skip_bad_samples)
 
-    # Load models
+    # Load models, data loaders and optimizer; prepare everything with our accelerator
     nets = load_models(args, info, accelerator)
-    student, teacher = nets["student"], nets["teacher"]
-
-    # Preprocessing, data loaders and optimizer
-    loaders = build_dataloaders(args, train_hf, eval_hf, info, nets["mean"], accelerator, nets["min_side"])
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-
-    # Prepare everything with our accelerator
-    student, optimizer, loaders.train = accelerator.prepare(student, optimizer, loaders.train)
-    plan = plan_schedule(args, len(loaders.train))
+    loaders = build_dataloaders(args, train_hf, eval_hf, info, nets, accelerator)
+    optimizer = torch.optim.AdamW(nets.student.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    student, optimizer, loaders.train = accelerator.prepare(nets.student, optimizer, loaders.train)
+    plan = plan_schedule(args, len(loaders.train) // args.gradient_accumulation_steps)
+    schedule = lr_schedule(args, optimizer, plan.max_train_steps)
     if args.with_tracking:
         accelerator.init_trackers("aicsd", {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                             for k, v in vars(args).items()})
     log = utils.MetricLogger(accelerator, args.with_tracking, args.log_file)
-    results: dict = {}
-    if args.eval_teacher and teacher is not None:
-        cm, _ = evaluate(accelerator, teacher, loaders.eval, info.num_labels, info.ignore_index,
-                         nets["teacher_adapter"], "eval teacher")
-        if cm is not None:  # None: stopped by SIGTERM, and so is training, at its first step
-            results.update({f"teacher_eval_{k}": v for k, v in utils.metrics_from_confusion(cm).items()})
-            logger.info(f"teacher: {utils.format_metrics(results, 'teacher_eval_')}")
+    results = evaluate_teacher(args, accelerator, nets, loaders, info)
 
     # Resume
-    state = utils.resume_or_start(accelerator, run, args.resume_from_checkpoint, len(loaders.train))
+    extra = {"schedule": {"max_train_steps": plan.max_train_steps}, "alw_total": plan.alw_total,
+             "alw_granularity": args.alw_granularity, "distill": args.distill}
+    state = utils.resume_or_start(accelerator, run, args.resume_from_checkpoint, extra["schedule"])
 
     # Train!
-    total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    batch_samples = args.per_device_train_batch_size * accelerator.num_processes  # one micro-batch, all processes
     logger.info(f"***** {args.distill}: {len(loaders.train_ds)} training images, {utils.plural(plan.num_epochs, 'epoch')}, "
-                f"{plan.max_train_steps} steps, global batch {total_batch}, {accelerator.num_processes} process(es) *****")
+                f"{plan.max_train_steps} steps, global batch {batch_samples * args.gradient_accumulation_steps}, "
+                f"{utils.plural(accelerator.num_processes, 'process')} *****")
     progress = tqdm(range(plan.max_train_steps), initial=state.completed_steps,
                     disable=not utils.show_progress_bars(accelerator))
     tracker = utils.LossTracker(["loss", *LOSS_TERMS[args.distill]], accelerator.device)
-    buffers = utils.BufferSnapshot(student, enabled=args.skip_nonfinite_steps)  # a skipped step gives them back
-    run_info = dict(max_train_steps=plan.max_train_steps, alw_total=plan.alw_total,
-                    alw_granularity=args.alw_granularity, distill=args.distill)
-    started, stop_reason = time.time(), None
+    sitting, sitting_steps, stop_reason = time.time(), 0, None
     for epoch in range(state.epoch, plan.num_epochs):
         if state.completed_steps >= plan.max_train_steps or stop_reason:
             break
         student.train()  # the teacher stays in eval mode throughout
-        resumed = state.batches_in_epoch if epoch == state.epoch else 0
-        state.epoch, state.batches_in_epoch = epoch, resumed
-        loader = epoch_loader(accelerator, loaders, epoch, resumed)
-        for batch in loader:
-            state.batches_in_epoch += 1
+        skip = state.samples_in_epoch // batch_samples if epoch == state.epoch else 0
+        state.epoch, state.samples_in_epoch = epoch, skip * batch_samples
+        for batch in epoch_loader(accelerator, loaders, epoch, skip):
+            state.samples_in_epoch += batch_samples
             tracker.pending_skipped += int(batch.pop("num_skipped", torch.zeros(())).sum())
             alpha = alw_alpha_at(args, plan, epoch, state.completed_steps)
-            buffers.start_step()
             with accelerator.accumulate(student):
                 if batch["pixel_values"].shape[0] == 0:
                     # Every sample was skipped: a zero loss that touches every parameter keeps DDP in step.
                     loss, terms = sum(p.sum() for p in student.parameters()) * 0.0, {}
                 else:
                     t_logits = teacher_logits(nets, args, batch["pixel_values"], accelerator)
-                    s_logits = models.segmentation_logits(student, nets["student_adapter"](batch["pixel_values"]))
+                    s_logits = models.segmentation_logits(student, nets.student_adapter(batch["pixel_values"]))
                     loss, terms = step_losses(args, s_logits, t_logits, batch["labels"], info.ignore_index, alpha)
                 accelerator.backward(loss)
             tracker.add(loss, terms)
@@ -702,19 +692,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 continue
 
             outcome = tracker.end_step(accelerator, utils.stop_requested())
-            buffers.end_step(skipped=outcome.nonfinite_term is not None)
             state.skipped_samples += outcome.skipped_samples
-            if outcome.nonfinite_term is None:
-                optimizer_step(args, accelerator, student, optimizer, state.completed_steps, plan.max_train_steps)
-            else:
-                where = f"step {state.completed_steps + 1} (epoch {epoch}), term {outcome.nonfinite_term}"
-                if not args.skip_nonfinite_steps:
-                    raise FloatingPointError(f"non-finite loss at {where}; lower --learning_rate, set --max_grad_norm, "
-                                             "or pass --skip_nonfinite_steps to skip such steps")
-                state.skipped_steps += 1
-                logger.warning(f"skipping the update of {where} (non-finite loss; {state.skipped_steps} skipped so far)")
-            optimizer.zero_grad(set_to_none=True)
+            if outcome.nonfinite_term is not None:
+                raise FloatingPointError(f"non-finite loss at step {state.completed_steps + 1} (epoch {epoch}), term "
+                                         f"{outcome.nonfinite_term}; lower --learning_rate or set --max_grad_norm, "
+                                         "then resume from the last checkpoint")
+            optimizer_step(args, accelerator, student, optimizer, schedule, state.completed_steps)
             state.completed_steps += 1
+            sitting_steps += 1
             progress.update(1)
 
             step, last = state.completed_steps, state.completed_steps >= plan.max_train_steps
@@ -722,38 +707,38 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 logs = {**tracker.averages(accelerator), "train/lr": optimizer.param_groups[0]["lr"], "train/epoch": epoch}
                 logs.update({"train/alpha": alpha} if args.distill == "aicsd" else {})
                 progress.set_postfix({k[6:]: f"{logs[k]:.4f}" for k in ("train/loss", "train/alpha") if k in logs})
-                logger.info(utils.format_train_log(step, plan.max_train_steps, logs))
+                logger.info(utils.format_train_log(step, plan.max_train_steps, logs, time.time() - sitting, sitting_steps))
                 log(logs, step)
             if args.eval_steps and step % args.eval_steps == 0 and not last:
-                outcome.stop |= eval_student(accelerator, student, loaders.eval, info, nets, step, log)  # SIGTERM
+                outcome.stop |= not evaluate_student(accelerator, student, loaders, info, nets, step, log)
             stop_reason = utils.stop_cause() if outcome.stop else None
             if (plan.checkpoint_every and step % plan.checkpoint_every == 0) or stop_reason:
-                path = utils.save_checkpoint(accelerator, student, args.output_dir, state.to_json(**run_info),
-                                             args.checkpoints_total_limit)
+                path = utils.save_checkpoint(accelerator, student, run, state, extra, args.checkpoints_total_limit)
                 logger.info(f"saved {path}")
             if stop_reason or last:
                 break
+        else:
+            state.samples_in_epoch = 0
     progress.close()
 
     # Save, then evaluate: the metrics are those of the saved model, and a failed evaluation keeps it
     if not stop_reason:
         save_model(args, accelerator, student, nets)
         with utils.report_saved_model(args.output_dir):
-            cm, eval_skipped = evaluate(accelerator, accelerator.unwrap_model(student), loaders.eval,
-                                        info.num_labels, info.ignore_index, nets["student_adapter"])
+            cm, eval_skipped = evaluate(accelerator, accelerator.unwrap_model(student), loaders.eval, info,
+                                        nets.student_adapter)
         if cm is None:  # SIGTERM: with a checkpoint of this step, a resume evaluates and finishes
             stop_reason = f"{utils.stop_cause()} during the final evaluation"
-            utils.save_checkpoint(accelerator, student, args.output_dir, state.to_json(**run_info),
-                                  args.checkpoints_total_limit)
+            utils.save_checkpoint(accelerator, student, run, state, extra, args.checkpoints_total_limit)
     if stop_reason:
         logger.warning(f"{stop_reason}: checkpoint saved at step {state.completed_steps}; resume with "
                        f"--resume_from_checkpoint latest")
         accelerator.end_training()
         return {"stopped": stop_reason, "train_steps": state.completed_steps}
     results.update({f"eval_{k}": v for k, v in utils.metrics_from_confusion(cm).items()})
-    results.update(train_steps=state.completed_steps, train_runtime_s=round(time.time() - started, 2),
-                   skipped_steps=state.skipped_steps, skipped_samples=state.skipped_samples,
-                   eval_skipped_samples=eval_skipped, num_processes=accelerator.num_processes, distill=args.distill)
+    results.update(train_steps=state.completed_steps, train_runtime_s=round(time.time() - sitting, 2),
+                   skipped_samples=state.skipped_samples, eval_skipped_samples=eval_skipped,
+                   num_processes=accelerator.num_processes, distill=args.distill)
     logger.info(f"final: {utils.format_metrics(results, 'eval_')}")
     if state.skipped_samples:
         logger.warning(f"{state.skipped_samples} undecodable training samples were skipped")
@@ -764,14 +749,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with utils.report_saved_model(args.output_dir):
         save_card(args, accelerator, student, nets, loaders, eval_hf, info, results)
     accelerator.end_training()
+    run.release()
     return results
 
 
-def cli() -> int:
+def cli(argv: Sequence[str] | None = None) -> int:
     """``python train_icsd.py ...``: the user's mistakes end as one line on stderr with exit status 2."""
     user_errors = (UsageError, data.DataError, models.ModelSourceError, models.ClassMismatchError, FloatingPointError,
                    utils.AfterTrainingError)
-    return utils.run_cli(main, user_errors, "train_icsd.py")
+    return utils.run_cli(lambda: main(argv), user_errors, "train_icsd.py")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Tests of utils_training.py: metrics, schedule, sampler, the loss tracker, checkpoints and the one-line CLI."""
+"""Tests of utils_training.py: metrics, sampler, the loss tracker, the output folder, checkpoints and the CLI."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from helpers import numpy_metrics
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Metrics against an independent numpy implementation
+# Metrics against an independent numpy implementation; data order as a pure function of counters
 # ---------------------------------------------------------------------------------------------------------
 def test_metrics_match_numpy_with_ignore_and_absent_classes():
     rng = np.random.default_rng(0)
@@ -39,12 +41,7 @@ def test_metrics_match_numpy_with_ignore_and_absent_classes():
     np.testing.assert_allclose([v for v in ours["per_category_iou"][:5]], ref["per_category_iou"][:5], rtol=1e-12)
 
 
-def test_lr_schedule_and_sampler_are_pure_functions_of_counters():
-    assert utils.lr_factor(0, 100, "poly") == 1.0
-    assert utils.lr_factor(100, 100, "poly") == 0.0
-    assert utils.lr_factor(50, 100, "poly") == pytest.approx(0.5**0.9)
-    assert utils.lr_factor(0, 100, "linear", warmup=10) == pytest.approx(0.1)
-    assert utils.lr_factor(10, 110, "cosine", warmup=10) == pytest.approx(1.0)
+def test_sampler_is_a_pure_function_of_seed_and_epoch_cut_to_whole_steps():
     s = utils.EpochShuffleSampler(50, seed=3)
     s.set_epoch(2)
     first = list(s)
@@ -52,15 +49,24 @@ def test_lr_schedule_and_sampler_are_pure_functions_of_counters():
     s.set_epoch(1)
     assert list(s) != first
     s.set_epoch(2)
-    assert list(s) == first
     state = torch.random.get_rng_state()
-    list(s)
+    assert list(s) == first
     assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is untouched
+    cut = utils.EpochShuffleSampler(50, seed=3, multiple=12)  # optimizer steps of 12 samples: 4 whole ones
+    cut.set_epoch(2)
+    assert len(cut) == 48 and list(cut) == first[:48]
 
+
+def test_train_log_line_says_how_long_is_left():
+    logs = {"train/loss": 1.23456, "train/ce": 0.5, "train/raw_kd": 9.0, "train/alpha": 0.0625, "train/lr": 9.4e-4,
+            "train/epoch": 0}
+    line = utils.format_train_log(20, 300, logs, elapsed=62.0, steps_timed=20)
+    assert line == "step 20/300: loss 1.2346, ce 0.5000, alpha 0.062, lr 9.40e-04; 1m02s, 3.10 s/step, 14m28s left"
+    assert utils.format_duration(7300) == "2h01m" and utils.format_duration(4.4) == "4s"
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The loss tracker, checkpoints and the command line
+# The loss tracker and the command line
 # ---------------------------------------------------------------------------------------------------------
 def test_loss_tracker_averages_and_names_the_first_nonfinite_term():
     acc = Accelerator(cpu=True)
@@ -79,30 +85,61 @@ def test_loss_tracker_averages_and_names_the_first_nonfinite_term():
     assert tracker.end_step(acc, stop=False).nonfinite_term is None  # the flags were reset
 
 
+def test_run_cli_prints_one_line_and_returns_2(capsys):
+    def failing():
+        raise utils.UsageError("--crop_size takes S or H W\n(positive)")
+
+    assert utils.run_cli(failing, (utils.UsageError,), "prog") == 2
+    assert capsys.readouterr().err == "prog: error: --crop_size takes S or H W (positive)\n"
+    assert utils.run_cli(lambda: None, (utils.UsageError,), "prog") == 0
+    wrapped = RuntimeError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                           "last):\n  File ...\ndata.DataError: row 3: bad label")
+    assert utils.one_line(wrapped) == "row 3: bad label"
+
+
+def test_a_failure_after_the_model_is_saved_says_where_the_model_is():
+    with pytest.raises(utils.AfterTrainingError) as caught:
+        with utils.report_saved_model("runs/x"):
+            raise RuntimeError("out of memory\nwhile evaluating")
+    assert str(caught.value) == ("after training, the final evaluation or export failed (RuntimeError: out of memory "
+                                 "while evaluating); the trained model is saved in runs/x (from_pretrained loads it)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------------
+def _run(acc: Accelerator, out: Path, settings: dict | None = None, resume: str | None = None) -> utils.Run:
+    return utils.claim_output_dir(acc, str(out), settings or {"seed": 1}, {}, resume, False, None)
+
+
 def test_checkpoints_rotate_and_latest_skips_incomplete_ones(tmp_path):
     acc = Accelerator(cpu=True)
-    model = acc.prepare(torch.nn.Linear(2, 2))
+    model, optimizer = acc.prepare(torch.nn.Linear(2, 2), torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()))
+    run = _run(acc, tmp_path)
+    run.run_id = "r1"
     for step in (1, 2, 3):
-        state = utils.TrainState(completed_steps=step, epoch=0, batches_in_epoch=step).to_json(distill="kd")
-        utils.save_checkpoint(acc, model, str(tmp_path), state, total_limit=2)
-    assert [p.name for p in utils.list_checkpoints(str(tmp_path))] == ["step_00000002", "step_00000003"]
+        state = utils.TrainState(completed_steps=step, epoch=0, samples_in_epoch=4 * step)
+        utils.save_checkpoint(acc, model, run, state, {"distill": "kd"}, total_limit=2)
+    assert [p.name for p in utils.list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
     (tmp_path / "checkpoints" / "step_00000009").mkdir()  # no training_state.json: never taken
-    latest = utils.checkpoint_candidates("latest", str(tmp_path))
-    assert [p.name for p in latest] == ["step_00000003", "step_00000002"]  # newest first: the order to try them
-    assert json.loads((tmp_path / "checkpoints" / "step_00000003" / utils.STATE_FILE).read_text())["distill"] == "kd"
+    saved = json.loads((tmp_path / "checkpoints" / "step_00000003" / utils.STATE_FILE).read_text())
+    assert saved["distill"] == "kd" and saved["run"] == {"run_id": "r1", "settings": {"seed": 1}}
     with pytest.raises(utils.UsageError, match="not a complete checkpoint folder"):
-        utils.checkpoint_candidates(str(tmp_path / "checkpoints" / "step_00000009"), str(tmp_path))
-    assert utils.checkpoint_problem(latest[0], acc) is None
-    state = utils.load_checkpoint(acc, latest[0], batches_per_epoch=3)
-    assert (state.completed_steps, state.epoch, state.batches_in_epoch) == (3, 1, 0)  # the epoch was complete
+        utils.resume_or_start(acc, run, str(tmp_path / "checkpoints" / "step_00000009"), {})
+    assert utils.checkpoint_problem(tmp_path / "checkpoints" / "step_00000003", acc) is None
+    state = utils.resume_or_start(acc, run, "latest", {})
+    assert (state.completed_steps, state.epoch, state.samples_in_epoch) == (3, 0, 12)
+    assert json.loads((tmp_path / utils.RUN_FILE).read_text()) == {"run_id": "r1", "settings": {"seed": 1}}
+    run.release()
 
 
 def test_a_rotation_killed_midway_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
     acc = Accelerator(cpu=True)
     model = acc.prepare(torch.nn.Linear(2, 2))
+    run = _run(acc, tmp_path)
 
     def save(step: int) -> None:
-        utils.save_checkpoint(acc, model, str(tmp_path), utils.TrainState(completed_steps=step).to_json(), 1)
+        utils.save_checkpoint(acc, model, run, utils.TrainState(completed_steps=step), {}, 1)
 
     save(1)
     real_rmtree = utils.shutil.rmtree
@@ -117,55 +154,13 @@ def test_a_rotation_killed_midway_leaves_no_half_deleted_checkpoint(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         save(2)  # rotation deletes step 1
     monkeypatch.setattr(utils.shutil, "rmtree", real_rmtree)
-    assert [p.name for p in utils.list_checkpoints(str(tmp_path))] == ["step_00000002"]
+    assert [p.name for p in utils.list_checkpoints(tmp_path)] == ["step_00000002"]
     save(3)  # the next save finishes the interrupted deletion off
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000003"]
+    run.release()
 
 
-def test_checkpoint_of_a_nonfinite_model_is_refused(tmp_path):
-    acc = Accelerator(cpu=True)
-    model = torch.nn.Linear(2, 2)
-    with torch.no_grad():
-        model.weight[0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match="first in weight"):
-        utils.save_checkpoint(acc, model, str(tmp_path), utils.TrainState().to_json(), None)
-    assert not utils.list_checkpoints(str(tmp_path))
-
-
-def test_run_cli_prints_one_line_and_returns_2(capsys):
-    def failing():
-        raise utils.UsageError("--crop_size takes S or H W\n(positive)")
-
-    assert utils.run_cli(failing, (utils.UsageError,), "prog") == 2
-    assert capsys.readouterr().err == "prog: error: --crop_size takes S or H W (positive)\n"
-    assert utils.run_cli(lambda: None, (utils.UsageError,), "prog") == 0
-    wrapped = RuntimeError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
-                           "last):\n  File ...\ndata.DataError: row 3: bad label")
-    assert utils.one_line(wrapped) == "row 3: bad label"
-
-
-def test_buffer_snapshot_gives_a_skipped_step_its_batchnorm_statistics_back():
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)).train()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    buffers = utils.BufferSnapshot(model)
-    for micro_batch in (torch.randn(2, 3, 4, 4), torch.full((2, 3, 4, 4), float("nan"))):  # one step, 2 micro-batches
-        buffers.start_step()
-        model(micro_batch)
-    assert torch.isnan(model[1].running_mean).all() and int(model[1].num_batches_tracked) == 2
-    buffers.end_step(skipped=True)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # NaN gone, count too
-    buffers.start_step()
-    model(torch.randn(2, 3, 4, 4))
-    buffers.end_step(skipped=False)  # an applied step keeps what its forward passes did
-    assert int(model[1].num_batches_tracked) == 1 and not torch.equal(before["1.running_mean"], model[1].running_mean)
-    off = utils.BufferSnapshot(model, enabled=False)
-    off.start_step()
-    model(torch.full((2, 3, 4, 4), float("nan")))
-    off.end_step(skipped=True)
-    assert torch.isnan(model[1].running_mean).all()  # disabled: a non-finite step ends the run instead
-
-
-def test_finite_model_check_covers_buffers(tmp_path):
+def test_a_nonfinite_model_is_never_saved_buffers_included(tmp_path):
     acc = Accelerator(cpu=True)
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     assert utils.first_nonfinite(model) is None
@@ -173,31 +168,43 @@ def test_finite_model_check_covers_buffers(tmp_path):
     assert utils.first_nonfinite(model) == "1.running_var"
     with pytest.raises(FloatingPointError, match=r"refusing to save the final model: .*first in 1\.running_var"):
         utils.check_finite_model(model, "the final model")
+    run = _run(acc, tmp_path)
     with pytest.raises(FloatingPointError, match="first in 1.running_var"):
-        utils.save_checkpoint(acc, model, str(tmp_path), utils.TrainState().to_json(), None)
+        utils.save_checkpoint(acc, model, run, utils.TrainState(), {}, None)
+    assert not utils.list_checkpoints(tmp_path)
+    run.release()
 
 
-def test_a_failure_after_the_model_is_saved_says_where_the_model_is():
-    with pytest.raises(utils.AfterTrainingError) as caught:
-        with utils.report_saved_model("runs/x"):
-            raise RuntimeError("out of memory\nwhile evaluating")
-    assert str(caught.value) == ("after training, the final evaluation or export failed (RuntimeError: out of memory "
-                                 "while evaluating); the trained model is saved in runs/x (from_pretrained loads it)")
-    with utils.report_saved_model("runs/x"):  # no failure: nothing happens
-        pass
+# ---------------------------------------------------------------------------------------------------------
+# The output folder: locked, all-or-nothing exports, interrupted writes finished
+# ---------------------------------------------------------------------------------------------------------
+LOCKED = ("import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDONLY)\n"
+          "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept OSError:\n    sys.exit(3)")
 
 
-def test_an_export_lands_weights_last_and_the_folder_stays_locked(tmp_path, monkeypatch):
-    import subprocess
-    import sys
-
-    import train_icsd
+def test_the_folder_is_locked_until_release_and_a_forked_child_does_not_keep_it(tmp_path):
+    import multiprocessing
 
     acc = Accelerator(cpu=True)
     out = tmp_path / "out"
-    args = train_icsd.parse_args(["--dataset", "synthetic", "--output_dir", str(out)])
-    run = utils.claim_output_dir(acc, args)
-    assert run.run_id and (out / utils.LOCK_FILE).is_file()
+    run = _run(acc, out)
+    assert subprocess.run([sys.executable, "-c", LOCKED, str(out)]).returncode == 3
+    with pytest.raises(utils.OutputError, match=r"is in use by another run \(a live process holds its lock\)"):
+        _run(acc, out)
+    child = multiprocessing.get_context("fork").Process(target=__import__("time").sleep, args=(30,), daemon=True)
+    child.start()  # a DataLoader worker, say: it outlives the lock's owner here
+    run.release()
+    try:
+        assert subprocess.run([sys.executable, "-c", LOCKED, str(out)]).returncode == 0
+        assert sorted(p.name for p in out.iterdir()) == []  # no lock file, no probe left behind
+    finally:
+        child.kill()
+
+
+def test_an_export_lands_weights_last(tmp_path, monkeypatch):
+    acc = Accelerator(cpu=True)
+    out = tmp_path / "out"
+    run = _run(acc, out)
     for name, text in (("config.json", "old"), ("model.safetensors", "old"), ("ics.png", "old")):
         (out / name).write_text(text)  # a previous export
     moves = []
@@ -215,46 +222,15 @@ def test_an_export_lands_weights_last_and_the_folder_stays_locked(tmp_path, monk
     landed = [m for m in moves if m[0] != utils.EXPORT_READY]
     assert [name for name, _ in landed][-1] == "model.safetensors"  # the weights come last...
     assert not any(weights_there for _, weights_there in landed)  # ...after the old ones were deleted
-    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "README.md", utils.LOCK_FILE}
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "README.md"}  # ics.png was stale
     assert all((out / n).read_text() == "new" for n in ("config.json", "model.safetensors", "README.md"))
-    # Moving the files in did not drop this process's POSIX lock (closing any descriptor of run.lock would).
-    probe = ("import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDWR)\n"
-             "try:\n    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept OSError:\n    sys.exit(3)")
-    assert subprocess.run([sys.executable, "-c", probe, str(out / utils.LOCK_FILE)]).returncode == 3
-    utils.release_locks()
-    assert not (out / utils.LOCK_FILE).exists()
-
-
-def test_a_dead_processs_lock_is_taken_over_and_another_hosts_is_not(tmp_path, caplog):
-    import os
-    import socket
-
-    import train_icsd
-
-    acc = Accelerator(cpu=True)
-    out = tmp_path / "out"
-    out.mkdir()
-    args = train_icsd.parse_args(["--dataset", "synthetic", "--output_dir", str(out)])
-    lock = out / utils.LOCK_FILE
-    lock.write_text(json.dumps({"pid": 999_999_999, "host": "elsewhere", "started": "yesterday"}))
-    with pytest.raises(utils.OutputError, match="names pid 999999999 on host elsewhere, which cannot be checked"):
-        utils.claim_output_dir(acc, args)
-    assert json.loads(lock.read_text())["host"] == "elsewhere"  # left as it was
-    lock.write_text(json.dumps({"pid": 999_999_999, "host": socket.gethostname(), "started": "yesterday"}))
-    with caplog.at_level("WARNING"):
-        utils.claim_output_dir(acc, args)
-    assert "taking over the lock of pid 999999999 (since yesterday), which is no longer running" in caplog.text
-    assert json.loads(lock.read_text())["pid"] == os.getpid()
-    utils.release_locks()
+    assert subprocess.run([sys.executable, "-c", LOCKED, str(out)]).returncode == 3  # still locked throughout
+    run.release()
 
 
 def test_a_start_finishes_what_a_killed_run_left_half_done(tmp_path):
-    import train_icsd
-
     acc = Accelerator(cpu=True)
     out = tmp_path / "out"
-    args = train_icsd.parse_args(["--dataset", "synthetic", "--output_dir", str(out), "--resume_from_checkpoint",
-                                  "latest"])
     (out / utils.EXPORT_READY).mkdir(parents=True)  # a complete export, killed while moving in...
     (out / utils.EXPORT_READY / "model.safetensors").write_text("new")
     (out / "config.json").write_text("new")  # ...after its config.json, before its weights
@@ -262,18 +238,15 @@ def test_a_start_finishes_what_a_killed_run_left_half_done(tmp_path):
     for leftover in (utils.EXPORT_STAGING, "checkpoints/.tmp-step_00000003", "checkpoints/.del-step_00000001"):
         (out / leftover).mkdir(parents=True)
         (out / leftover / "model.safetensors").write_text("partial")
-    (out / utils.RUN_FILE).write_text(json.dumps({"run_id": "r1", "settings": utils.run_settings(args)}))
-    run = utils.claim_output_dir(acc, args)
+    (out / utils.RUN_FILE).write_text(json.dumps({"run_id": "r1", "settings": {"seed": 1}}))
+    run = _run(acc, out, resume="latest")
     assert run.run_id == "r1"  # the same settings: the run continues
     assert (out / "model.safetensors").read_text() == "new" and (out / "config.json").read_text() == "new"
     assert sorted(p.name for p in out.rglob("*")) == ["checkpoints", "config.json", "model.safetensors",
-                                                      utils.RUN_FILE, utils.LOCK_FILE]
-    utils.release_locks()
+                                                      utils.RUN_FILE]
+    run.release()
 
 
-# ---------------------------------------------------------------------------------------------------------
-# --log_file is checked at the start, not at the first logging step
-# ---------------------------------------------------------------------------------------------------------
 def test_check_log_file_refuses_folders_and_unwritable_paths_and_leaves_no_file(tmp_path):
     with pytest.raises(utils.OutputError, match=r"^--log_file .* is a folder: pass a file path such as "):
         utils.check_log_file(str(tmp_path))
@@ -289,4 +262,3 @@ def test_check_log_file_refuses_folders_and_unwritable_paths_and_leaves_no_file(
     existing.write_text('{"step": 1}\n')
     utils.check_log_file(str(existing))
     assert existing.read_text() == '{"step": 1}\n'
-    utils.check_log_file(None)

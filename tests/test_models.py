@@ -1,5 +1,5 @@
 """Tests for models.py: presets, loading rules, damaged folders, freezing, logits, processors. Offline, CPU, small
-inputs."""
+inputs; the big presets are built on the meta device (shapes and parameter counts without the random init)."""
 
 import json
 import random
@@ -18,8 +18,10 @@ import models
 CLASSES_5 = {0: "road", 1: "sidewalk", 2: "traffic_light", 3: "car", 4: "sky"}
 CLASSES_7 = {i: f"class {i}" for i in range(7)}
 
-# (input side, output stride, parameter count in millions or None) per preset. The
-# SegFormer counts are those of the real nvidia/segformer-b* models with a 5-class head.
+# (input side, output stride, parameter count in millions or None) per preset. The SegFormer counts are those
+# of the real nvidia/segformer-b* models with a 5-class head. The presets over 20M parameters are built on the
+# meta device; SegFormer-B2..B5 differ from B0/B1 only in widths and depths, so their (slow) forward pass on it
+# would show nothing the others do not.
 PRESET_EXPECTATIONS = {
     "config:segformer-tiny": (64, 4, None),
     "config:segformer-b0": (64, 4, 3.7),
@@ -65,13 +67,16 @@ def test_preset_names_are_exactly_the_documented_ones():
 @pytest.mark.parametrize("name", list(PRESET_EXPECTATIONS))
 def test_preset_builds_and_gives_logits_per_class(name):
     side, stride, millions = PRESET_EXPECTATIONS[name]
-    model = models.load_model(name, CLASSES_5).eval()
+    device = torch.device("meta" if (millions or 0) > 20 else "cpu")
+    with device:
+        model = models.load_model(name, CLASSES_5).eval()
     assert model.config.id2label == CLASSES_5
     assert model.config.label2id == {v: k for k, v in CLASSES_5.items()}
-    with torch.no_grad():
-        logits = models.segmentation_logits(model, torch.randn(1, 3, side, side))
-    assert logits.shape == (1, 5, side // stride, side // stride)
-    assert torch.isfinite(logits).all()
+    if device.type == "cpu" or "segformer" not in name:
+        with torch.no_grad():
+            logits = models.segmentation_logits(model, torch.randn(1, 3, side, side, device=device))
+        assert logits.shape == (1, 5, side // stride, side // stride)
+        assert device.type == "meta" or torch.isfinite(logits).all()
     if millions is not None:
         assert models.count_parameters(model) == pytest.approx(millions * 1e6, rel=0.02)
 

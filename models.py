@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from huggingface_hub import is_offline_mode
+from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import HFValidationError
 from safetensors import SafetensorError
 from torch import nn
@@ -155,7 +155,8 @@ def _one_line_errors(role: str, name: str, file: str = "config.json") -> Iterato
             what = ("holds no weights (model.safetensors or pytorch_model.bin)" if "no file named" in str(err)
                     else f"has a damaged or incomplete {file} ({detail})")
         else:  # a Hub id. Offline, huggingface_hub fails at once; with no network, after its retries (about 25 s)
-            offline = is_offline_mode() and not isinstance(err.__cause__ or err.__context__, HFValidationError)
+            cause = err.__cause__ or err.__context__  # huggingface_hub's own error, under transformers' OSError
+            offline = hub_constants.HF_HUB_OFFLINE and not isinstance(cause, HFValidationError)
             reason = "HF_HUB_OFFLINE=1 and it is not in the local cache" if offline else detail
             raise ModelSourceError(
                 f"the {role} {name!r} is not a local folder and could not be fetched from the Hub ({reason}): check "
@@ -194,7 +195,7 @@ def load_model(name_or_path: str, id2label: dict[int, str], *, role: str = "stud
     labels = {"id2label": id2label, "label2id": {name: i for i, name in id2label.items()}}
     if name_or_path.startswith("config:"):
         config = _preset(name_or_path).make_config()
-        config.id2label, config.label2id = labels["id2label"], labels["label2id"]
+        config.update(labels)
         if role == "teacher":
             warnings.warn(f"teacher {name_or_path} has random weights: train it first (or pass a fine-tuned "
                           "checkpoint), otherwise distillation only transfers noise", stacklevel=2)
@@ -208,7 +209,7 @@ def load_model(name_or_path: str, id2label: dict[int, str], *, role: str = "stud
             **student_kwargs)
     if role == "teacher":
         _check_teacher(name_or_path, model, info["missing_keys"], id2label)
-        model.config.id2label, model.config.label2id = labels["id2label"], labels["label2id"]
+        model.config.update(labels)
     elif info["mismatched_keys"]:
         warnings.warn(f"{name_or_path}: {', '.join(sorted(k for k, *_ in info['mismatched_keys']))} do not fit the "
                       f"dataset's {len(id2label)} classes and are re-initialised with random weights", stacklevel=2)

@@ -5,6 +5,7 @@ import json
 import random
 import shutil
 import time
+import types
 import warnings
 
 import numpy as np
@@ -233,7 +234,7 @@ def test_hub_id_fails_fast_offline():
 def test_a_hub_failure_other_than_offline_mode_passes_on_the_libraries_reason(monkeypatch):
     # Only the wording is checked here: huggingface_hub is still offline underneath, so it answers at once
     # (with no network it answers after its own retries, about 25 s).
-    monkeypatch.setattr(models, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(models, "hub_constants", types.SimpleNamespace(HF_HUB_OFFLINE=False))
     message = _assert_fails_fast_with_advice(lambda: models.load_model("nvidia/mit-b0", CLASSES_5))
     assert "couldn't connect" in message and "HF_HUB_OFFLINE" not in message
 

@@ -36,6 +36,7 @@ import alw
 import data
 import losses
 import models
+import pictures
 import utils_hub
 import utils_training as utils
 from utils_training import UsageError
@@ -341,7 +342,7 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Output: pictures for the model card (the export itself and the push are in utils_hub.py)
+# Output: pictures for the model card (drawn by pictures.py; the export and the push are in utils_hub.py)
 # ---------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def picture_rows(
@@ -352,7 +353,7 @@ def picture_rows(
     info: data.DataInfo,
     count: int,
     temperature: float,
-) -> list[utils_hub.PictureRow]:
+) -> list[pictures.PictureRow]:
     """The student's (and teacher's) predictions and ICS matrices on ``count`` fixed validation images.
 
     ``roles`` maps "student" (and "teacher") to (model, input adapter). Predictions go through
@@ -360,7 +361,7 @@ def picture_rows(
     the image's valid pixels, row-normalised as ICSD compares them.
     """
     rows = []
-    for index in utils_hub.picture_indices(len(eval_ds), count):
+    for index in pictures.picture_indices(len(eval_ds), count):
         sample = eval_ds[index]
         if sample.get("skipped"):
             continue
@@ -377,8 +378,8 @@ def picture_rows(
             model.train(was_training)
             ics = losses.row_normalize(losses.ics_matrix(logits, (label != info.ignore_index)[None], temperature))
             out[role], out[f"{role}_ics"] = pred.cpu().numpy(), ics[0].cpu().numpy()
-        rows.append(utils_hub.PictureRow(index=index, image=data.decode_image(eval_hf[index][info.image_column]),
-                                         label=label.cpu().numpy(), **out))
+        rows.append(pictures.PictureRow(index=index, image=data.decode_image(eval_hf[index][info.image_column]),
+                                        label=label.cpu().numpy(), **out))
     return rows
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import colorsys
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -67,7 +67,7 @@ def mean_ics(rows: Sequence[PictureRow], role: str) -> np.ndarray | None:
     return np.nan_to_num(np.mean(np.stack(found), axis=0)) if found else None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def font(size: int) -> ImageFont.FreeTypeFont:
     """Pillow's own TrueType font (Aileron Regular) at ``size`` px."""
     return ImageFont.load_default(size=size)

@@ -225,7 +225,7 @@ def test_redaction_masks_tokens_and_reduces_absolute_paths_to_placeholders():
 
 def _run_snippet(card_text: str, cwd: Path, monkeypatch, capsys) -> list[str]:
     """Run the card's python snippet exactly as written, from ``cwd``; its printed lines."""
-    snippet = re.search(r"```python\n(.*?)```", card_text, re.S).group(1)
+    snippet = re.search(r"```python\n(.*?)```", card_text, re.DOTALL).group(1)
     monkeypatch.chdir(cwd)
     capsys.readouterr()
     exec(compile(snippet, "README.md", "exec"), {})
@@ -246,7 +246,7 @@ def test_usage_snippet_runs_as_written_with_the_hub_id(export, tmp_path, monkeyp
 
 def test_usage_snippet_without_a_hub_id_says_where_the_folder_goes_and_runs_inside_it(bare, monkeypatch, capsys):
     text = (bare / "README.md").read_text()
-    snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    snippet = re.search(r"```python\n(.*?)```", text, re.DOTALL).group(1)
     # Never a path/to/... placeholder or a relative --output_dir, which transformers would take for a Hub id.
     assert "path/to" not in snippet and 'model=".")' in snippet
     assert "put that folder's path in its place" in snippet
@@ -256,7 +256,7 @@ def test_usage_snippet_without_a_hub_id_says_where_the_folder_goes_and_runs_insi
 
 def test_speed_sentence_compares_student_and_teacher_when_both_are_timed_and_scored():
     info = _synthetic_info()
-    kw = dict(student=_facts(TINY, 460_000), teacher=_facts("someone/big", 27_350_000))
+    kw = {"student": _facts(TINY, 460_000), "teacher": _facts("someone/big", 27_350_000)}
     res = {**_results(info.num_labels, teacher=True), "eval_mean_iou": 0.46, "teacher_eval_mean_iou": 0.5}
     timing = utils_hub.InferenceTiming(device="NVIDIA H100 80GB HBM3", student_ms=2.0, teacher_ms=10.2,
                                        image_size=(360, 480))
@@ -336,11 +336,17 @@ def test_every_text_of_the_ics_picture_fits_it_and_its_words_are_spaced(monkeypa
     assert " ".join(caption).startswith("Row-normalised inter-class similarity") and "T = 2" in " ".join(caption)
     assert ("what ICSD minimises" in " ".join(caption)) == teacher
     assert all(x + pictures.text_width(t, s) <= picture.width - pictures.PAD for (x, _), t, s in drawn if t in caption)
-    # Two words are set apart by a gap of blank columns wider than the font's own space (2-3 px).
-    strip = Image.new("L", (40, 20), 255)
-    pictures.draw_text(ImageDraw.Draw(strip), (2, 2), "l l", pictures.SMALL_SIZE)
-    inked = np.flatnonzero((np.asarray(strip) < 128).any(axis=0))
-    assert np.diff(inked).max() - 1 >= 4 > pictures.font(pictures.SMALL_SIZE).getlength(" ")
+    # Words stand apart: wider blank columns between them than the font's own space leaves ("2validation" before).
+    def blank_columns_between_words(set_text) -> int:
+        strip = Image.new("L", (80, 20), 255)
+        set_text(ImageDraw.Draw(strip))
+        inked = np.flatnonzero((np.asarray(strip) < 128).any(axis=0))
+        return int(np.diff(inked).max()) - 1
+
+    size = pictures.SMALL_SIZE
+    ours = blank_columns_between_words(lambda d: pictures.draw_text(d, (2, 2), "2 validation", size))
+    own = blank_columns_between_words(lambda d: d.text((2, 2), "2 validation", fill=0, font=pictures.font(size)))
+    assert ours >= own + 2 and ours >= 5
 
 
 def test_picture_indices_are_fixed_and_spread_over_the_split():
@@ -425,8 +431,10 @@ def fake_hub(monkeypatch):
     from huggingface_hub.utils import _http
 
     class Hub:
-        requests: list = []
+        requests: list[httpx2.Request]
         answer = staticmethod(lambda request: httpx2.Response(200, json={}))
+
+    Hub.requests = []
 
     def handler(request: httpx2.Request) -> httpx2.Response:
         Hub.requests.append(request)

@@ -40,6 +40,7 @@ import alw
 import data
 import losses
 import models
+import pictures
 import utils_hub
 import utils_training as utils
 from utils_training import UsageError
@@ -364,11 +365,11 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, dataloader: DataL
 
 @torch.no_grad()
 def picture_rows(accelerator: Accelerator, roles: dict[str, tuple[torch.nn.Module, Callable]], eval_ds, eval_hf,
-                 info: data.DataInfo, count: int, temperature: float) -> list[utils_hub.PictureRow]:
+                 info: data.DataInfo, count: int, temperature: float) -> list[pictures.PictureRow]:
     """The student's (and teacher's) predictions and row-normalised ICS matrices (C, C) on ``count`` fixed
     validation images; ``roles`` maps "student" (and "teacher") to (model, input adapter)."""
     rows = []
-    for index in utils_hub.picture_indices(len(eval_ds), count):
+    for index in pictures.picture_indices(len(eval_ds), count):
         sample = eval_ds[index]
         if sample.get("skipped"):
             continue
@@ -384,8 +385,8 @@ def picture_rows(accelerator: Accelerator, roles: dict[str, tuple[torch.nn.Modul
             model.train(was_training)
             ics = losses.row_normalize(losses.ics_matrix(logits, (label != info.ignore_index)[None], temperature))
             out[role], out[f"{role}_ics"] = pred.cpu().numpy(), ics[0].cpu().numpy()
-        rows.append(utils_hub.PictureRow(index=index, image=data.decode_image(eval_hf[index][info.image_column]),
-                                         label=label.cpu().numpy(), **out))
+        rows.append(pictures.PictureRow(index=index, image=data.decode_image(eval_hf[index][info.image_column]),
+                                        label=label.cpu().numpy(), **out))
     return rows
 
 

@@ -247,6 +247,15 @@ def _check_values(args: argparse.Namespace) -> None:
     # Before the id reaches a tracker's hparams or the card: a token pasted here would be published.
     if args.hub_model_id is not None and (problem := utils_hub.repo_id_problem(args.hub_model_id)):
         raise UsageError(f"--hub_model_id {problem}")
+    if args.with_tracking:
+        from accelerate.tracking import get_available_trackers
+
+        available = sorted(str(getattr(t, "value", t)) for t in get_available_trackers())
+        asked = [name.strip() for name in args.report_to.split(",")]
+        missing = [name for name in asked if name not in available and not (name == "all" and available)]
+        if missing:
+            raise UsageError(f"--report_to {args.report_to}: {', '.join(missing)} is not an installed tracker; "
+                             f"installed: {', '.join(available) or 'none (pip install tensorboard, for one)'}")
     if args.push_to_hub:
         try:
             utils_hub.probe_hub_login()
@@ -393,6 +402,18 @@ def picture_rows(accelerator: Accelerator, roles: dict[str, tuple[torch.nn.Modul
 # ---------------------------------------------------------------------------------------------------------
 # The pieces main() puts together
 # ---------------------------------------------------------------------------------------------------------
+def check_classes(args: argparse.Namespace, info: data.DataInfo) -> None:
+    """One class cannot be segmented (every loss 0, mIoU 100%); with two, the row-normalised ICS matrix is always
+    [[0, 1], [1, 0]], so ICSD would be identically 0: refuse what would train silently wrong."""
+    if info.num_labels < 2:
+        raise UsageError(f"the dataset has one class ({info.id2label[0]!r}): segmentation needs at least 2; check "
+                         "its id2label.json or --id2label")
+    if info.num_labels == 2 and args.distill in ("icsd", "aicsd"):
+        raise UsageError(f"--distill {args.distill} with 2 classes: the inter-class similarity matrix of two classes "
+                         "is always [[0, 1], [1, 0]] once its rows are normalised, so ICSD would add nothing (only CE "
+                         "and KD would act); use --distill kd, or a dataset of 3 or more classes")
+
+
 def preflight(train_hf, eval_hf, info: data.DataInfo, skip_bad_samples: bool) -> None:
     """Decode ``PREFLIGHT_SAMPLES`` samples spread over each split as the pipelines will, so that a problem of the
     whole dataset (labels outside the classes, images and masks of different sizes, undecodable files) stops the
@@ -639,6 +660,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     train_hf, eval_hf, info = data.load_splits(options)
     for note in info.notes:
         logger.info(note)
+    check_classes(args, info)
     data.check_split_sizes(train_hf, eval_hf, args.per_device_train_batch_size, accelerator.num_processes)
     preflight(train_hf, eval_hf, info, args.skip_bad_samples)
 
@@ -650,9 +672,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     plan = plan_schedule(args, len(loaders.train) // args.gradient_accumulation_steps)
     schedule = lr_schedule(args, optimizer, plan.max_train_steps)
     if args.with_tracking:
-        accelerator.init_trackers("aicsd", {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                            for k, v in vars(args).items()})
-    log = utils.MetricLogger(accelerator, args.with_tracking, args.log_file)
+        accelerator.init_trackers("aicsd", {k: v if isinstance(v, (int, float, bool)) else utils_hub.redact(str(v))
+                                            for k, v in vars(args).items()})  # no path of this machine
+    log = utils.metric_logger(accelerator, args.with_tracking, args.log_file)
     results = evaluate_teacher(args, accelerator, nets, loaders, info)
 
     # Resume
@@ -749,8 +771,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # Pictures, results and model card (and push)
     with utils.report_saved_model(args.output_dir):
         save_card(args, accelerator, student, nets, loaders, eval_hf, info, results)
+    utils.training_done()  # nothing is left to save: a SIGTERM from now on ends the process at once
     accelerator.end_training()
-    run.release()
+    utils.release_locks()
     return results
 
 

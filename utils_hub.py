@@ -203,16 +203,21 @@ class InferenceTiming:
             raise ValueError(f"inference times must be > 0 ms; got {self.student_ms} and {self.teacher_ms}")
 
 
+def redact(value: str) -> str:
+    """``value`` as published (card, tracker hyperparameters): Hub tokens masked, an absolute path reduced to a
+    ``path/to/<name>`` placeholder."""
+    value = _TOKEN.sub("hf_***", value)  # no flag takes a token, but one may be pasted into a path or id
+    if _ABSOLUTE.match(value):
+        value = "path/to/" + (re.split(r"[\\/]", value.rstrip("\\/"))[-1].lstrip("~") or "folder")
+    return value
+
+
 def reproduce_command(argv: Sequence[str]) -> str:
-    """The training command for the card, ``accelerate launch train_icsd.py ...``, with Hub tokens masked and
-    absolute paths reduced to ``path/to/<name>`` placeholders."""
+    """The training command for the card, ``accelerate launch train_icsd.py ...``, :func:`redact`-ed."""
     out = ["accelerate launch", Path(argv[0]).name if argv else "train_icsd.py"]
     for arg in argv[1:]:
-        arg = _TOKEN.sub("hf_***", arg)  # no flag takes a token, but one may be pasted into a path or id
         prefix, value = arg.split("=", 1) if arg.startswith("--") and "=" in arg else ("", arg)
-        if _ABSOLUTE.match(value):
-            value = "path/to/" + (re.split(r"[\\/]", value.rstrip("\\/"))[-1].lstrip("~") or "folder")
-        out.append(shlex.quote(f"{prefix}={value}" if prefix else value))
+        out.append(shlex.quote(f"{prefix}={redact(value)}" if prefix else redact(value)))
     return " ".join(out)
 
 

@@ -1,11 +1,7 @@
-"""The operations code behind ``train_icsd.py``, so that the script reads as the recipe.
-
-In the order the script meets it: one-line errors (:func:`run_cli`); stop requests (SIGTERM, the launcher's
-death); the output folder (:func:`claim_output_dir`: one run per folder, locked); writes that are all or
-nothing (:class:`ExportWriter`, :func:`save_checkpoint`) and fail in one line naming the folder and the bytes
-needed; resume past damaged checkpoints (:func:`resume_or_start`); the per-step loss bookkeeping
-(:class:`LossTracker`); logging; the evaluation metrics.
-"""
+"""The operations code behind ``train_icsd.py``, in the order the script meets it: one-line errors, stop
+requests (SIGTERM, the launcher's death), the output folder (one run per folder, locked), all-or-nothing writes
+that fail in one line, checkpoints and resume past damaged ones, the per-step loss bookkeeping, logging and the
+evaluation metrics."""
 
 from __future__ import annotations
 
@@ -100,12 +96,8 @@ def run_cli(main: Callable[[], object], user_errors: tuple[type[BaseException], 
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """A permutation of ``range(n)`` drawn from ``(seed, epoch)`` only, cut to a multiple of ``multiple``.
-
-    Every process draws the same permutation (Accelerate gives each its share of the batches) and a resumed run
-    draws the one an uninterrupted run would; nothing comes from the global RNG. ``multiple`` is the global
-    batch times the accumulation steps: every optimizer step then gets all its micro-batches, on every process.
-    """
+    """A permutation of ``range(n)`` drawn from ``(seed, epoch)`` only (the same on every process and after a
+    resume), cut to a multiple of ``multiple``, the samples of one optimizer step: each gets all its micro-batches."""
 
     def __init__(self, n: int, seed: int, multiple: int = 1) -> None:
         self.n, self.seed, self.epoch, self.used = n, seed, 0, n - n % multiple
@@ -121,9 +113,7 @@ class EpochShuffleSampler(Sampler[int]):
         return self.used
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Stop requests: SIGTERM (preemption) or the launcher's death ask for a checkpoint and a clean exit
-# ---------------------------------------------------------------------------------------------------------
+# --- Stop requests: SIGTERM (preemption) or the launcher's death ask for a checkpoint and a clean exit
 _STOP_CAUSE: str | None = None  # this process's first reason to stop (None: not asked)
 LAUNCHER_GRACE_S = 30.0  # after the launcher's death: time to save a checkpoint before the process ends itself
 
@@ -154,6 +144,11 @@ def install_stop_handlers() -> None:
     atexit.register(kill_dataloader_workers)
 
 
+def training_done() -> None:
+    """Everything is saved: a SIGTERM now ends the process at once, whatever it still waits for at exit."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def worker_init(_: int) -> None:
     """DataLoader ``worker_init_fn``: workers outlive a SIGTERM sent to the process group until the main
     process has saved its checkpoint."""
@@ -161,11 +156,8 @@ def worker_init(_: int) -> None:
 
 
 def kill_dataloader_workers() -> None:
-    """Stop this process's DataLoader workers at once; for a process that is about to exit.
-
-    After an error an iterator may still hold its workers: at exit, multiprocessing would SIGTERM them (ours
-    ignore it) and join them forever, and torch's own shutdown waits 5-10 s for them.
-    """
+    """Stop this process's DataLoader workers at once, before it exits: at exit multiprocessing would SIGTERM
+    them (ours ignore it) and join them forever, and torch's own shutdown waits 5-10 s for them."""
     if hasattr(signal, "SIGCHLD"):  # torch's handler would report the kills as worker crashes
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in multiprocessing.active_children():
@@ -175,13 +167,9 @@ def kill_dataloader_workers() -> None:
 
 
 def _follow_launcher() -> None:
-    """Under ``accelerate launch`` or torchrun, ask for a stop when the launcher dies.
-
-    torchrun starts every rank in a session of its own and older single-process launchers do not forward
-    SIGTERM: a launcher killed with ``kill -9`` would leave the ranks training on with PPID 1. A daemon thread
-    (which, unlike a signal handler, runs while the main thread waits in a collective) watches the parent. A
-    plain ``python train_icsd.py`` is not watched: its parent is a shell, which may go away under ``nohup``.
-    """
+    """Under ``accelerate launch`` or torchrun, ask for a stop when the launcher dies: torchrun starts each rank
+    in a session of its own, so a ``kill -9`` of the launcher would leave the ranks training on with PPID 1. A
+    thread watches (it runs while the main thread waits in a collective); a shell parent is not watched."""
     parent = os.getppid()
     if "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun's agent is each rank's parent
         try:
@@ -209,24 +197,20 @@ def _watch_launcher(parent: int) -> None:
     os._exit(1)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The loss terms between optimizer steps, and the decision all processes take from them
-# ---------------------------------------------------------------------------------------------------------
+# --- The loss terms between optimizer steps, and the decision all processes take from them
 @dataclass
 class StepOutcome:
-    """What all processes agreed on at the end of one optimizer step."""
+    """What all processes agreed on at the end of an optimizer step: the first non-finite term (or None),
+    whether any was asked to stop, and the undecodable samples met since the last step."""
 
-    nonfinite_term: str | None  # the first non-finite logged term, None if all were finite
-    stop: bool  # some process was asked to stop
-    skipped_samples: int  # undecodable samples met since the last step, summed over processes
+    nonfinite_term: str | None
+    stop: bool
+    skipped_samples: int
 
 
 class LossTracker:
-    """Sums of the logged loss terms (``keys``, "loss" first) and their non-finite flags, kept on the device.
-
-    Checking each micro-batch's loss on the host would synchronise the GPU each time; :meth:`end_step` runs
-    one small all-reduce per optimizer step instead, which also sums the skipped-sample counts.
-    """
+    """Sums of the logged loss terms (``keys``, "loss" first) and their non-finite flags, kept on the device:
+    checking each micro-batch on the host would sync the GPU each time; one small all-reduce per step instead."""
 
     def __init__(self, keys: Sequence[str], device: torch.device) -> None:
         self.keys = list(keys)
@@ -263,18 +247,24 @@ class LossTracker:
         return {f"train/{k}": v / max(totals[-1], 1.0) for k, v in zip(self.keys, totals)}
 
 
-class MetricLogger:
-    """Send metrics to the trackers (``--with_tracking``) and, from the main process, to ``--log_file``."""
+def metric_logger(accelerator: Accelerator, with_tracking: bool, log_file: str | None) -> Callable[[dict, int], None]:
+    """``log(metrics, step)``: to the trackers (``--with_tracking``) and, from the main process, ``--log_file``."""
 
-    def __init__(self, accelerator: Accelerator, with_tracking: bool, log_file: str | None) -> None:
-        self.accelerator, self.with_tracking, self.log_file = accelerator, with_tracking, log_file
+    failed = []
 
-    def __call__(self, logs: dict, step: int) -> None:
-        if self.with_tracking:
-            self.accelerator.log(logs, step=step)
-        if self.log_file and self.accelerator.is_main_process:
-            with open(self.log_file, "a") as f:  # reopened each time: a kill loses at most this line
-                f.write(json.dumps({"step": step, **logs}) + "\n")
+    def log(logs: dict, step: int) -> None:
+        if with_tracking:
+            accelerator.log(logs, step=step)
+        if log_file and accelerator.is_main_process and not failed:
+            try:
+                with open(log_file, "a") as f:  # reopened each time: a kill loses at most this line
+                    f.write(json.dumps({"step": step, **logs}) + "\n")
+            except OSError as err:  # the metrics log is a copy of what the log lines say: losing it stops nothing
+                failed.append(err)
+                logger.warning(f"--log_file {log_file}: cannot write to it ({err.strerror or err}); training goes "
+                               "on without it (checkpoints and the export are unaffected)")
+
+    return log
 
 
 def show_progress_bars(accelerator: Accelerator) -> bool:
@@ -318,11 +308,8 @@ def format_duration(seconds: float) -> str:
 
 
 def format_train_log(step: int, total: int, logs: dict, elapsed: float, steps_timed: int) -> str:
-    """``step 20/300: loss 1.2345, ce 0.8123, ..., alpha 0.063, lr 9.40e-04; 1m02s, 3.10 s/step, 14m28s left``.
-
-    ``elapsed`` seconds went into the last ``steps_timed`` steps (this sitting's, so a resumed run's estimate
-    is not diluted by steps it did not run). The raw (unweighted) terms stay in the trackers and ``--log_file``.
-    """
+    """``step 20/300: loss 1.2345, ce 0.8123, ..., alpha 0.063, lr 9.40e-04; 1m02s, 3.10 s/step, 14m28s left``,
+    timed over this sitting's ``steps_timed`` steps; the raw (unweighted) terms go to trackers and the log file."""
     terms = [f"{k[6:]} {v:.4f}" for k, v in logs.items()
              if k.startswith("train/") and k[6:] not in ("lr", "epoch", "alpha") and not k[6:].startswith("raw_")]
     if "train/alpha" in logs:
@@ -333,9 +320,7 @@ def format_train_log(step: int, total: int, logs: dict, elapsed: float, steps_ti
     return f"step {step}/{total}: " + ", ".join(terms) + f"; {timing}"
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The output folder: one run per folder, one process at a time
-# ---------------------------------------------------------------------------------------------------------
+# --- The output folder: one run per folder, one process at a time
 @dataclass
 class Run:
     """The run this process belongs to: its folder, settings, id (None until resume adopts a checkpoint's)."""
@@ -343,31 +328,25 @@ class Run:
     output_dir: Path
     settings: dict
     run_id: str | None
-    lock_fd: int | None = None
 
     def record(self) -> dict:
         return {"run_id": self.run_id, "settings": self.settings}
 
-    def release(self) -> None:
-        """Unlock the output folder (the kernel also does when the process dies, however)."""
-        if self.lock_fd is not None:
-            _HELD_LOCKS.discard(self.lock_fd)
-            os.close(self.lock_fd)
-            self.lock_fd = None
+
+# Descriptors of the output folders this process has locked (flock, so the lock belongs to the open file, which
+# a forked child shares): a child, such as a DataLoader worker, closes its copies, so the lock lives and dies
+# with this process alone.
+_HELD_LOCKS: set[int] = set()
 
 
 def release_locks() -> None:
-    """Unlock every output folder this process holds (after a failed run, for a caller that goes on)."""
-    for fd in list(_HELD_LOCKS):
-        _HELD_LOCKS.discard(fd)
-        os.close(fd)
+    """Unlock every output folder this process holds (at the end of a run, for a caller that goes on)."""
+    while _HELD_LOCKS:
+        os.close(_HELD_LOCKS.pop())
 
 
-# Descriptors of locked output folders. A forked child (a DataLoader worker) closes its copies: the lock then
-# lives and dies with this process alone, as flock ties it to the open file, which parent and child share.
-_HELD_LOCKS: set[int] = set()
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=lambda: [os.close(fd) for fd in _HELD_LOCKS] and _HELD_LOCKS.clear())
+    os.register_at_fork(after_in_child=release_locks)
 
 
 def fingerprint(value: object) -> object:
@@ -387,35 +366,18 @@ def settings_differences(ours: dict, theirs: dict) -> list[str]:
             if name in theirs and ours[name] != theirs[name]]
 
 
-def read_run(output_dir: str | Path) -> dict | None:
-    """The record in ``output_dir/run.json`` (``run_id``, ``settings``), None without one; ValueError if unreadable."""
-    path = Path(output_dir) / RUN_FILE
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(str(err)) from None
-    if not isinstance(record, dict) or not isinstance(record.get("settings"), dict) or not record.get("run_id"):
-        raise ValueError("no run_id and settings in it")
-    return record
-
-
 def claim_output_dir(accelerator: Accelerator, output_dir: str, settings: dict, sources: dict[str, str | None],
                      resume: str | None, overwrite: bool, log_file: str | None) -> Run:
-    """Take ``output_dir`` for this run before anything else is done, or raise a one-line error on every process.
-
-    The main process refuses a folder that is, holds or lies inside a folder the run reads (``sources``: flag ->
-    path), creates and locks the folder (which proves it writable), finishes what a killed run left half done,
-    decides from what the folder holds (:func:`_decide`) and checks ``log_file``; the others learn the decision.
-    """
-    decision, failure, fd = ("ok", None), None, None
+    """Take ``output_dir`` for this run before anything else, or raise one line on every process: the main
+    process refuses a folder that is, holds or lies inside one the run reads (``sources``: flag -> path), locks
+    it, finishes what a killed run left half done, decides whose it is and checks ``log_file``."""
+    decision, failure = ("ok", None), None
     if accelerator.is_main_process:
         try:
             out = Path(output_dir)
             for flag, source in sources.items():
                 _refuse_overlap(out, flag, source)
-            fd = _lock(out)
+            _lock(out)
             _finish_interrupted_writes(out)
             decision = ("ok", _decide(out, settings, resume, overwrite))
             check_log_file(log_file)
@@ -429,7 +391,7 @@ def claim_output_dir(accelerator: Accelerator, output_dir: str, settings: dict, 
         raise failure
     if decision[0] != "ok":
         raise (OutputError if decision[0] == "OutputError" else UsageError)(decision[1])
-    return Run(Path(output_dir), settings, decision[1], fd)
+    return Run(Path(output_dir), settings, decision[1])
 
 
 def _refuse_overlap(out: Path, flag: str, source: str | None) -> None:
@@ -443,17 +405,16 @@ def _refuse_overlap(out: Path, flag: str, source: str | None) -> None:
                          + ": this run would write over what it reads; choose another --output_dir")
 
 
-def _lock(out: Path) -> int | None:
-    """Create ``out``, prove it writable and hold an exclusive lock on it (flock on the folder itself) until
-    :meth:`Run.release` or this process's end. The kernel drops the lock when the process dies, however it
-    dies, and no lock file is left behind."""
+def _lock(out: Path) -> None:
+    """Create ``out``, prove it writable and lock it (flock on the folder itself: the kernel drops the lock when
+    the process ends, however it ends, and no lock file is left behind)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-probe-{os.getpid()}"
         probe.write_bytes(b"probe" * 13)  # some bytes: a folder that holds nothing more refuses them
         probe.unlink()
         if fcntl is None:
-            return None
+            return
         fd = os.open(out, os.O_RDONLY)
     except OSError as err:
         raise OutputError(f"--output_dir {out}: cannot write there ({err.strerror or err}); choose a writable "
@@ -465,19 +426,18 @@ def _lock(out: Path) -> int | None:
         raise OutputError(f"--output_dir {out} is in use by another run (a live process holds its lock): wait "
                           "for it to end, or choose another --output_dir") from None
     _HELD_LOCKS.add(fd)
-    return fd
 
 
 def _decide(out: Path, settings: dict, resume: str | None, overwrite: bool) -> str | None:
-    """Whose folder ``out`` is, and so this run's id (None: adopt the checkpoint's on resume).
-
-    The run recorded in ``run.json`` is continued only by a resume with the same settings, and otherwise refused
-    while it left checkpoints or an export; files no run of ours wrote are refused; checkpoints without a record
-    may be resumed from. ``overwrite`` starts a new run whatever the folder holds.
-    """
+    """This run's id (None: adopt the resumed checkpoint's), or a one-line refusal: the run in ``run.json`` is
+    continued only by a resume with its settings and is otherwise refused while it left checkpoints or an export;
+    files no run wrote are refused; ``overwrite`` starts a new run whatever the folder holds."""
     try:
-        previous = read_run(out)
-    except ValueError as err:
+        previous = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).is_file() else None
+        if previous is not None and not (isinstance(previous, dict) and isinstance(previous.get("settings"), dict)
+                                         and previous.get("run_id")):
+            raise ValueError("no run_id and settings in it")
+    except (OSError, ValueError) as err:
         if not overwrite:
             raise UsageError(f"{out / RUN_FILE} cannot be read ({err}): pass --overwrite_output_dir to start a new "
                              f"run in {out}, or choose another --output_dir") from None
@@ -519,11 +479,8 @@ def _decide(out: Path, settings: dict, resume: str | None, overwrite: bool) -> s
 
 
 def check_log_file(path: str | None) -> None:
-    """Fail now, in one line, if ``--log_file`` cannot be appended to (not at the first logging step).
-
-    Creates missing parent folders, but not the file: a run that stops before its record must leave no file
-    that would make its output folder look like someone else's to the next run.
-    """
+    """Fail now, in one line, if ``--log_file`` cannot be appended to. Creates missing folders but not the file:
+    a run that stops before its record leaves no file that makes its folder look like someone else's."""
     if not path:
         return
     log = Path(path).expanduser()
@@ -572,9 +529,7 @@ def write_json(path: Path, obj: object) -> None:
         tmp.unlink(missing_ok=True)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Writes that fail (a full disk, a quota, a read-only folder): one line on every process
-# ---------------------------------------------------------------------------------------------------------
+# --- Writes that fail (a full disk, a quota, a read-only folder): one line on every process
 def state_bytes(model: torch.nn.Module) -> int:
     """Bytes of ``model``'s parameters and buffers: about what its weights take on disk."""
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
@@ -594,11 +549,8 @@ def _write_failure(err: BaseException) -> str | None:
 
 def after_write(accelerator: Accelerator, error: BaseException | None, what: str, folder: Path, needed: int,
                 cleanup: Path | None = None) -> None:
-    """Agree with every process on whether a write failed; if one did, remove ``cleanup`` and raise on all.
-
-    A write failure becomes :class:`OutputError` naming ``folder`` and the ``needed`` bytes; any other error is
-    raised as it is (a bug keeps its traceback).
-    """
+    """Agree with every process on whether a write failed; if one did, remove ``cleanup`` and raise on all: an
+    :class:`OutputError` naming ``folder`` and the ``needed`` bytes (any other error as it is)."""
     reason = None if error is None else (_write_failure(error) or "")
     failed = [(i, r) for i, r in enumerate([reason] if accelerator.num_processes == 1 else gather_object([reason]))
               if r is not None]
@@ -624,12 +576,9 @@ def after_write(accelerator: Accelerator, error: BaseException | None, what: str
 
 class ExportWriter:
     """``with ExportWriter(accelerator, output_dir, needed_bytes) as staging:`` the main process writes the export
-    into ``staging`` (``OUTPUT/.export-tmp``); on leaving, the complete export is moved into ``OUTPUT``.
-
-    All or nothing: a failed write removes the staging folder, leaves ``OUTPUT`` as it was and raises
-    :class:`OutputError` on every process. ``keep_others``: the files join the export in place (the card after
-    the model) instead of replacing it. Every process enters and leaves it.
-    """
+    into ``staging``, moved into ``output_dir`` on leaving, all or nothing (a failed write leaves the folder as it
+    was and raises :class:`OutputError` on every process). ``keep_others``: join the export in place (the card
+    after the model) rather than replace it."""
 
     def __init__(self, accelerator: Accelerator, output_dir: str | Path, needed_bytes: int,
                  keep_others: bool = False) -> None:
@@ -684,27 +633,20 @@ def _fsync(path: Path) -> None:
     """Flush a file or a folder's entries to disk, as far as the file system allows."""
     try:
         fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        os.fsync(fd)
+        os.close(fd)
     except OSError:
         pass
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints: accelerate's save_state into a hidden folder, then a rename
-# ---------------------------------------------------------------------------------------------------------
+# --- Checkpoints: accelerate's save_state into a hidden folder, then a rename
 # Accelerate's own `automatic_checkpoint_naming` deletes the oldest folder before writing the new one, and its
 # `load_state()` takes the newest folder without checking that it is whole: a kill during a save would leave
 # neither. Hence our names, the state file written last, the rename, and rotation through `.del-` names.
 @dataclass
 class TrainState:
-    """Where training stands; saved with every checkpoint as ``training_state.json``.
-
-    The position in the epoch is counted in samples, so a run resumed with another number of processes (and
-    the same global batch) starts at the same sample.
-    """
+    """Where training stands (``training_state.json``); the position in the epoch is counted in samples, so a
+    run resumed with another number of processes (and the same global batch) starts at the same sample."""
 
     completed_steps: int = 0
     epoch: int = 0
@@ -749,13 +691,8 @@ def check_finite_model(model: torch.nn.Module, what: str) -> None:
 
 def save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, run: Run, state: TrainState, extra: dict,
                     total_limit: int | None) -> Path:
-    """Save the training state as ``checkpoints/step_XXXXXXXX`` all or nothing; keep this run's newest ``total_limit``.
-
-    Written to ``.tmp-step_...`` with ``training_state.json`` (counters, ``extra``, the run's record and the
-    number of processes) last, then renamed; a failed write removes it and raises :class:`OutputError` on every
-    process. Rotation counts this run's checkpoints up to this step only, renaming each ``.del-...`` before
-    deleting it, so a kill midway leaves nothing half deleted for ``latest``.
-    """
+    """Save the training state as ``checkpoints/step_XXXXXXXX``, all or nothing (``.tmp-`` folder, state file
+    last, rename); keep this run's newest ``total_limit``, each renamed ``.del-`` before it is deleted."""
     step = state.completed_steps
     check_finite_model(model, f"the checkpoint of step {step}")
     root = run.output_dir / CHECKPOINT_DIR
@@ -819,12 +756,8 @@ def _read_problem(err: BaseException) -> tuple[str, str]:
 
 
 def checkpoint_problem(path: Path, accelerator: Accelerator) -> tuple[str, str] | None:
-    """Why this process cannot resume from ``path``, found without changing any state.
-
-    ``("damaged", what)`` for a missing, truncated or unreadable file (the state file, the weights' header, the
-    optimizer state, this process's RNG states); ``("refused", what)`` for a pickle holding code; None when
-    every file this process reads is whole.
-    """
+    """Why this process cannot resume from ``path``, found without changing any state: ``("damaged", what)`` for
+    a missing, truncated or unreadable file, ``("refused", what)`` for a pickle holding code, else None."""
     from accelerate.utils import load as accelerate_load
     from safetensors import safe_open
 
@@ -858,21 +791,12 @@ def checkpoint_problem(path: Path, accelerator: Accelerator) -> tuple[str, str] 
     return None
 
 
-def _agreed_problem(path: Path, accelerator: Accelerator) -> tuple[str, str] | None:
-    problem = checkpoint_problem(path, accelerator)
-    if accelerator.num_processes > 1:
-        problems = [p for p in gather_object([problem]) if p is not None]
-        problem = next((p for p in problems if p[0] == "refused"), problems[0] if problems else None)
-    return problem
-
-
 def resume_or_start(accelerator: Accelerator, run: Run, resume: str | None, schedule: dict) -> TrainState:
     """Resume as ``--resume_from_checkpoint`` says (or start at step 0), then record the run in ``run.json``.
 
-    All processes check the files they will read and agree. With ``latest`` a damaged checkpoint is passed over
-    with a warning for the one before it (none whole: one line); a named one must be whole; a pickle holding
-    code is refused either way. A checkpoint of a run with other settings, or another ``schedule`` (the
-    resolved steps and global batch), is an error naming each difference.
+    With ``latest`` a damaged checkpoint is passed over with a warning for the one before it (none whole: one
+    line); a named one must be whole; a pickle holding code is refused either way; a checkpoint of a run with
+    other settings or another ``schedule`` (the resolved step count) is an error naming each difference.
     """
     if resume == "latest":
         candidates = list_checkpoints(run.output_dir, run.run_id)[::-1]
@@ -886,7 +810,10 @@ def resume_or_start(accelerator: Accelerator, run: Run, resume: str | None, sche
         candidates = []
     state, broken = TrainState(), []
     for path in candidates:
-        problem = _agreed_problem(path, accelerator)
+        problem = checkpoint_problem(path, accelerator)
+        if accelerator.num_processes > 1:  # every process checked its own files: all agree on the worst
+            problems = [p for p in gather_object([problem]) if p is not None]
+            problem = next((p for p in problems if p[0] == "refused"), problems[0] if problems else None)
         if problem is not None:
             if problem[0] == "refused" or resume != "latest":
                 raise UsageError(f"--resume_from_checkpoint {path}: cannot load it ({problem[1]}); resume from "
@@ -922,9 +849,7 @@ def resume_or_start(accelerator: Accelerator, run: Run, resume: str | None, sche
     return state
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Evaluation metrics: a confusion matrix on the device, summed over processes
-# ---------------------------------------------------------------------------------------------------------
+# --- Evaluation metrics: a confusion matrix on the device, summed over processes
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_labels: int, ignore_index: int) -> torch.Tensor:
     """``cm[true, pred]`` counts (C, C) int64 over pixels of integer maps ``pred``, ``label`` (same shape)
     whose label is not ``ignore_index``."""

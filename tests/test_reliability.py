@@ -1128,3 +1128,112 @@ def test_batch_one_with_a_pooled_batchnorm_student_fails_at_the_start(tmp_path):
     assert_one_line_error(proc, "--per_device_train_batch_size 1: the student (--student_model_name_or_path "
                           "config:deeplabv3-mobilenetv2) cannot train on one sample per device", "use 2 or more")
     assert "*****" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A resumed run is the same run (issue 23): process counts, every setting, class counts, accumulation
+# ---------------------------------------------------------------------------------------------------------
+def resumable(out: Path, steps: int = 4, **extra) -> list:
+    # 16 samples, global batch 4: 4 optimizer steps an epoch; a checkpoint at step 2 is mid-epoch.
+    return base_args(out, steps=steps, max_train_samples=16, checkpointing_steps=2, log_file=out / "log.jsonl",
+                     **extra)
+
+
+def test_resume_with_another_process_count_keeps_the_global_batch_and_the_sample_or_refuses(tmp_path):
+    two = tmp_path / "two"
+    run_ok(launcher_cmd(resumable(two), nproc=2), env=dict(ENV, ACCELERATE_USE_CPU="1"), timeout=240)
+    one = tmp_path / "one"
+    shutil.copytree(two / "checkpoints" / "step_00000002", one / "checkpoints" / "step_00000002")
+    refused = run_inprocess(resumable(one, resume_from_checkpoint="latest"))  # 1 x 2: half the global batch
+    assert_one_line_error(refused, "its run had other settings", "global batch", "of 2 here, 4 there")
+    resumed = train_ok(resumable(one, per_device_train_batch_size=4, resume_from_checkpoint="latest"))
+    assert "resumed from" in resumed.stderr and "step 2, epoch 0, sample 8 of the epoch" in resumed.stderr
+    straight = tmp_path / "straight"
+    train_ok(resumable(straight, per_device_train_batch_size=4))
+    ours, ref = [[line for line in logged(out) if "train/loss" in line] for out in (one, straight)]
+    assert [line["step"] for line in ours] == [3, 4] and [line["train/epoch"] for line in ours] == [0, 0]
+    rel = [abs(a["train/loss"] - b["train/loss"]) / b["train/loss"] for a, b in zip(ours, ref[2:])]
+    assert max(rel) <= 0.08, rel  # the README's 1-vs-N tolerance: the same samples, per-process BatchNorm
+
+
+def test_every_setting_that_changes_training_is_checked_on_resume_after_defaults(tmp_path):
+    out = tmp_path / "out"
+    train_ok(base_args(out, steps=2, checkpointing_steps=1, crop_size=None, max_eval_samples=1))  # the preset's 128
+    for flag, value in (("max_grad_norm", 1.0), ("do_reduce_labels", True), ("lr_scheduler_type", "cosine")):
+        proc = run_inprocess(base_args(out, steps=2, checkpointing_steps=1, crop_size=None, max_eval_samples=1,
+                                       resume_from_checkpoint="latest", **{flag: value}))
+        assert_one_line_error(proc, "had other settings", f"--{flag} ")
+    train_ok(base_args(out, steps=3, checkpointing_steps=1, crop_size=128, max_eval_samples=1,  # the same crop
+                       resume_from_checkpoint="latest", max_train_steps=2, lr_scheduler_type="poly"))
+
+
+@pytest.mark.parametrize("classes, distill, fragment", [
+    (["only"], "none", "the dataset has one class ('only'): segmentation needs at least 2"),
+    (["a", "b"], "aicsd", "--distill aicsd with 2 classes: the inter-class similarity matrix of two classes is always"),
+    (["a", "b"], "icsd", "--distill icsd with 2 classes"),
+])
+def test_degenerate_class_counts_are_refused(tmp_path, classes, distill, fragment):
+    folder = write_dataset(tmp_path / "data", plain_rows(), classes=classes)
+    proc = run_inprocess(local_args(folder, tmp_path / "out", distill=distill, teacher_model_name_or_path=TINY))
+    assert_one_line_error(proc, fragment)
+
+
+def test_two_classes_train_with_kd(tmp_path):
+    rows = plain_rows()
+    for row in rows["train"] + rows["validation"]:
+        row["label"]["bytes"] = png(np.random.default_rng(0).integers(0, 2, (40, 48)).astype(np.uint8))
+    folder = write_dataset(tmp_path / "data", rows, classes=["a", "b"])
+    train_ok(local_args(folder, tmp_path / "out", distill="kd", teacher_model_name_or_path=TINY))
+
+
+def test_every_optimizer_step_averages_all_its_micro_batches(tmp_path):
+    # 10 samples, batch 2, 2 micro-batches a step: 2 whole steps an epoch (8 samples), never a step of one batch.
+    out = tmp_path / "out"
+    proc = train_ok(base_args(out, steps=3, max_train_samples=10, gradient_accumulation_steps=2,
+                              log_file=out / "log.jsonl"))
+    assert "global batch 4" in proc.stderr and "2 epochs" in proc.stderr
+    assert [line["train/epoch"] for line in logged(out) if "train/loss" in line] == [0, 0, 1]
+    proc = run_inprocess(base_args(tmp_path / "big", gradient_accumulation_steps=20))
+    assert_one_line_error(proc, "the training split has 8 samples, fewer than one optimizer step takes",
+                          "2 per device x 1 processes x 20 accumulation steps = 40")
+
+
+def test_tracker_hyperparameters_hold_no_absolute_path(tmp_path):
+    out = tmp_path / "out"
+    train_ok(base_args(out, with_tracking=True, report_to="tensorboard", log_file=out / "log.jsonl",
+                       checkpointing_steps=2))
+    written = [p for p in (out / "runs").rglob("*") if p.is_file()]
+    assert written and not [p.name for p in written if str(tmp_path).encode() in p.read_bytes()]
+
+
+def test_an_unknown_or_missing_tracker_is_one_line_before_anything(tmp_path):
+    proc = run_inprocess(base_args(tmp_path / "out", with_tracking=True, report_to="tensorbord"))
+    assert_one_line_error(proc, "--report_to tensorbord: tensorbord is not an installed tracker", "installed: ")
+    proc = run_inprocess(base_args(tmp_path / "out", with_tracking=True, report_to="wandb"))
+    assert_one_line_error(proc, "wandb is not an installed tracker")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_log_file_that_fails_mid_run_is_reported_once_and_training_goes_on(tmp_path):
+    out = tmp_path / "out"
+    proc = train_ok(base_args(out, steps=3, log_file="/dev/full", checkpointing_steps=3))
+    assert proc.stderr.count("--log_file /dev/full: cannot write to it (No space left on device)") == 1
+    assert checkpoint_names(out) == ["step_00000003"] and (out / "model.safetensors").is_file()
+
+
+def test_output_folder_around_or_inside_a_folder_it_reads_is_refused(folders, tmp_path):
+    parent = tmp_path / "project"
+    dataset = shutil.copytree(folders["plain"], parent / "data")
+    before = snapshot(parent)
+    proc = run_inprocess(local_args(dataset, parent, overwrite_output_dir=True))
+    assert_one_line_error(proc, f"--output_dir {parent} holds the folder of --dataset_name ({dataset})")
+    proc = run_inprocess(local_args(dataset, dataset / "runs" / "x"))
+    assert_one_line_error(proc, "lies inside the folder of --dataset_name")
+    assert snapshot(parent) == before  # the dataset's README.md and files untouched
+
+
+def test_a_sigterm_after_training_ends_the_process():
+    code = "import os, signal, time, utils_training\nutils_training.install_stop_handlers()\n" \
+           "utils_training.training_done()\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(30)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, timeout=60)
+    assert proc.returncode == -signal.SIGTERM

@@ -130,7 +130,7 @@ def test_checkpoints_rotate_and_latest_skips_incomplete_ones(tmp_path):
     state = utils.resume_or_start(acc, run, "latest", {})
     assert (state.completed_steps, state.epoch, state.samples_in_epoch) == (3, 0, 12)
     assert json.loads((tmp_path / utils.RUN_FILE).read_text()) == {"run_id": "r1", "settings": {"seed": 1}}
-    run.release()
+    utils.release_locks()
 
 
 def test_a_rotation_killed_midway_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
@@ -157,7 +157,7 @@ def test_a_rotation_killed_midway_leaves_no_half_deleted_checkpoint(tmp_path, mo
     assert [p.name for p in utils.list_checkpoints(tmp_path)] == ["step_00000002"]
     save(3)  # the next save finishes the interrupted deletion off
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000003"]
-    run.release()
+    utils.release_locks()
 
 
 def test_a_nonfinite_model_is_never_saved_buffers_included(tmp_path):
@@ -172,7 +172,7 @@ def test_a_nonfinite_model_is_never_saved_buffers_included(tmp_path):
     with pytest.raises(FloatingPointError, match="first in 1.running_var"):
         utils.save_checkpoint(acc, model, run, utils.TrainState(), {}, None)
     assert not utils.list_checkpoints(tmp_path)
-    run.release()
+    utils.release_locks()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -193,7 +193,7 @@ def test_the_folder_is_locked_until_release_and_a_forked_child_does_not_keep_it(
         _run(acc, out)
     child = multiprocessing.get_context("fork").Process(target=__import__("time").sleep, args=(30,), daemon=True)
     child.start()  # a DataLoader worker, say: it outlives the lock's owner here
-    run.release()
+    utils.release_locks()
     try:
         assert subprocess.run([sys.executable, "-c", LOCKED, str(out)]).returncode == 0
         assert sorted(p.name for p in out.iterdir()) == []  # no lock file, no probe left behind
@@ -225,7 +225,7 @@ def test_an_export_lands_weights_last(tmp_path, monkeypatch):
     assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "README.md"}  # ics.png was stale
     assert all((out / n).read_text() == "new" for n in ("config.json", "model.safetensors", "README.md"))
     assert subprocess.run([sys.executable, "-c", LOCKED, str(out)]).returncode == 3  # still locked throughout
-    run.release()
+    utils.release_locks()
 
 
 def test_a_start_finishes_what_a_killed_run_left_half_done(tmp_path):
@@ -244,7 +244,7 @@ def test_a_start_finishes_what_a_killed_run_left_half_done(tmp_path):
     assert (out / "model.safetensors").read_text() == "new" and (out / "config.json").read_text() == "new"
     assert sorted(p.name for p in out.rglob("*")) == ["checkpoints", "config.json", "model.safetensors",
                                                       utils.RUN_FILE]
-    run.release()
+    utils.release_locks()
 
 
 def test_check_log_file_refuses_folders_and_unwritable_paths_and_leaves_no_file(tmp_path):

@@ -615,6 +615,31 @@ def save_model(args, accelerator: Accelerator, student, nets) -> None:
             utils_hub.make_readable(staging)
 
 
+@torch.no_grad()
+def inference_timing(accelerator: Accelerator, roles: dict, eval_ds) -> utils_hub.InferenceTiming | None:
+    """Milliseconds per image of each role's forward pass (the median of 5, after a warm-up) on the first
+    validation image at the evaluation size, on this device: what the card's speed sentence says."""
+    sample = next((eval_ds[i] for i in range(min(len(eval_ds), 3)) if not eval_ds[i].get("skipped")), None)
+    if sample is None:
+        return None
+    pixels, times = sample["pixel_values"][None].to(accelerator.device), {}
+    for role, (model, adapter) in roles.items():
+        was_training, laps = model.training, []
+        model.eval()
+        for _ in range(6):
+            started = time.perf_counter()
+            with accelerator.autocast():
+                models.segmentation_logits(model, adapter(pixels))
+            if accelerator.device.type == "cuda":
+                torch.cuda.synchronize()
+            laps.append(1000 * (time.perf_counter() - started))
+        model.train(was_training)
+        times[role] = sorted(laps[1:])[2]
+    device = torch.cuda.get_device_name() if accelerator.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    return utils_hub.InferenceTiming(device=device, student_ms=times["student"], teacher_ms=times.get("teacher"),
+                                     image_size=tuple(pixels.shape[-2:]))
+
+
 def save_card(args, accelerator: Accelerator, student, nets, loaders, eval_hf, info, results: dict) -> None:
     """Next to the saved model: the pictures, ``all_results.json`` and the model card (all or nothing); the push."""
     accelerator.wait_for_everyone()
@@ -624,6 +649,7 @@ def save_card(args, accelerator: Accelerator, student, nets, loaders, eval_hf, i
         roles["teacher"] = (nets.teacher, nets.teacher_adapter)
     # Every process draws the predictions (the student may be sharded); the main process writes.
     rows = picture_rows(accelerator, roles, loaders.eval_ds, eval_hf, info, args.num_pictures, args.temperature)
+    timing = inference_timing(accelerator, roles, loaders.eval_ds) if accelerator.is_main_process else None
     with utils.ExportWriter(accelerator, args.output_dir, 2**20, keep_others=True) as staging:
         if accelerator.is_main_process:
             (staging / utils_hub.RESULTS_FILE).write_text(json.dumps(results, indent=2))
@@ -633,7 +659,8 @@ def save_card(args, accelerator: Accelerator, student, nets, loaders, eval_hf, i
             utils_hub.export_folder(
                 staging, args=args, info=info, results=results, processor=nets.processor, rows=rows, argv=sys.argv,
                 student=utils_hub.describe_model(args.student_model_name_or_path, unwrapped), teacher=teacher,
-                dataset=utils_hub.describe_dataset(info, split, len(loaders.eval_ds), args.max_eval_samples is not None))
+                dataset=utils_hub.describe_dataset(info, split, len(loaders.eval_ds), args.max_eval_samples is not None),
+                timing=timing)
     if args.push_to_hub and accelerator.is_main_process:
         utils_hub.push_to_hub(args.output_dir, args.hub_model_id, private=args.hub_private_repo,
                               commit_message=f"AICSD student ({args.distill})")
@@ -756,7 +783,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if stop_reason:
         logger.warning(f"{stop_reason}: checkpoint saved at step {state.completed_steps}; resume with "
                        f"--resume_from_checkpoint latest")
-        accelerator.end_training()
+        utils.end_run(accelerator)
         return {"stopped": stop_reason, "train_steps": state.completed_steps}
     results.update({f"eval_{k}": v for k, v in utils.metrics_from_confusion(cm).items()})
     results.update(train_steps=state.completed_steps, train_runtime_s=round(time.time() - sitting, 2),
@@ -772,7 +799,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with utils.report_saved_model(args.output_dir):
         save_card(args, accelerator, student, nets, loaders, eval_hf, info, results)
     utils.training_done()  # nothing is left to save: a SIGTERM from now on ends the process at once
-    accelerator.end_training()
+    utils.end_run(accelerator)
     utils.release_locks()
     return results
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import faulthandler
 import fnmatch
 import gc
 import hashlib
@@ -88,8 +89,10 @@ def run_cli(main: Callable[[], object], user_errors: tuple[type[BaseException], 
         message = one_line(e)
     release_locks()
     # Printed once the failed run's workers are stopped and its frames released: its progress bar closes (and
-    # redraws itself) first, so the error stays the last line the user sees.
+    # redraws itself) first, so the error stays the last line the user sees. (The sleep: see end_run.)
     kill_dataloader_workers()
+    if torch.distributed.is_initialized():
+        time.sleep(0.25)
     gc.collect()
     print(f"{prog}: error: {message}", file=sys.stderr)
     return 2
@@ -138,10 +141,25 @@ def install_stop_handlers() -> None:
     global _STOP_CAUSE
     _STOP_CAUSE = None
     signal.signal(signal.SIGTERM, lambda *_: _request_stop("SIGTERM"))
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID` prints where a process that seems stuck is
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     _follow_launcher()
     # Registered after multiprocessing's own atexit handler, so it runs first: see kill_dataloader_workers.
     atexit.unregister(kill_dataloader_workers)
     atexit.register(kill_dataloader_workers)
+
+
+def end_run(accelerator: Accelerator) -> None:
+    """Close the trackers and the process group, then give gloo's threads a moment without the GIL.
+
+    A gloo worker thread frees a finished collective's tensors, which needs the GIL; the last reference to the
+    process group (DDP's reducer) is dropped when the caller's frame is freed, and its destructor joins that
+    thread while holding the GIL: a deadlock that left a rank alive after its run was complete (torch 2.13,
+    seen with tools/stress_ending.py in 2 of 9 runs). Sleeping here lets the thread finish first.
+    """
+    accelerator.end_training()
+    if accelerator.num_processes > 1:
+        time.sleep(0.25)
 
 
 def training_done() -> None:

@@ -116,7 +116,7 @@ def _require_same_classes(teacher: dict[int, str], other: dict[int, str], whose:
     canonical = [[re.sub(r"[\s_\-]+", " ", n).strip().lower() for n in d.values()] for d in (teacher, other)]
     placeholders = any(all(re.fullmatch(r"label \d+", n) for n in names) for names in canonical)
     if len(teacher) != len(other) or not (placeholders or canonical[0] == canonical[1]):
-        shown = [f"{len(d)} [{', '.join(map(repr, list(d.values())[:40]))}{', ...' if len(d) > 40 else ''}]"
+        shown = [f"[{', '.join(map(repr, list(d.values())[:40]))}{f', ... ({len(d)} in all)' if len(d) > 40 else ''}]"
                  for d in (teacher, other)]
         raise ClassMismatchError(f"teacher classes {shown[0]} differ from the {whose} {shown[1]}: {advice}")
 

@@ -622,7 +622,7 @@ def inference_timing(accelerator: Accelerator, roles: dict, eval_ds) -> utils_hu
     sample = next((eval_ds[i] for i in range(min(len(eval_ds), 3)) if not eval_ds[i].get("skipped")), None)
     if sample is None:
         return None
-    pixels, times = sample["pixel_values"][None].to(accelerator.device), {}
+    pixels, times = data.eval_collate([sample])["pixel_values"].to(accelerator.device), {}  # padded as evaluated
     for role, (model, adapter) in roles.items():
         was_training, laps = model.training, []
         model.eval()

@@ -142,7 +142,7 @@ def install_stop_handlers() -> None:
     _STOP_CAUSE = None
     signal.signal(signal.SIGTERM, lambda *_: _request_stop("SIGTERM"))
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID` prints where a process that seems stuck is
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
     _follow_launcher()
     # Registered after multiprocessing's own atexit handler, so it runs first: see kill_dataloader_workers.
     atexit.unregister(kill_dataloader_workers)

@@ -13,7 +13,6 @@ import io
 import json
 import logging
 import os
-import re
 import sys
 import threading
 from dataclasses import dataclass, field, fields
@@ -41,6 +40,9 @@ LABELS_REDUCE = "reduce_labels"
 LABELS_CITYSCAPES_AUTO = "cityscapes_auto"
 LABELS_CITYSCAPES_LABELID = "cityscapes_labelid_to_trainid"
 
+_TWISTER = threading.local()  # one NumPy MT19937 per thread, re-seeded per sample (a new one costs 30 times more)
+_RGB_SHIFTS = (0, 8, 16) if sys.byteorder == "little" else (24, 16, 8)  # R, G, B in an RGBX pixel read as uint32
+
 
 class DataError(ValueError):
     """The data, or how it was asked for, cannot be used as it is."""
@@ -57,43 +59,37 @@ class LabelValueError(DataError):
 # ---- Class tables and presets ------------------------------------------------------------------------------------
 
 CITYSCAPES_CLASSES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
-    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation", "terrain",
+    "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
 )
 # cityscapesScripts' labelId -> trainId for the 19 evaluated classes; every other labelId is ignored.
-CITYSCAPES_LABELID_TO_TRAINID = {
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
-    24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
-}
+CITYSCAPES_LABELID_TO_TRAINID = {label_id: train_id for train_id, label_id in enumerate(
+    (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33))}
 PASCAL_VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+    "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
 ADE20K_CLASSES = (
-    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
-    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
-    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
-    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
-    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
-    "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
-    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
-    "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
-    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth",
-    "television receiver", "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator",
-    "ottoman", "bottle", "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy",
-    "washer", "plaything", "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag",
-    "minibike", "cradle", "oven", "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal",
-    "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase",
-    "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board",
-    "shower", "radiator", "glass", "clock", "flag",
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet", "sidewalk",
+    "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water", "painting", "sofa",
+    "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp",
+    "bathtub", "railing", "cushion", "base", "box", "column", "signboard", "chest of drawers", "counter", "sand",
+    "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway", "case", "pool table",
+    "pillow", "screen door", "stairway", "river", "bridge", "bookcase", "blind", "coffee table", "toilet", "flower",
+    "book", "hill", "bench", "countertop", "stove", "palm", "kitchen island", "computer", "swivel chair", "boat", "bar",
+    "arcade machine", "hovel", "bus", "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight",
+    "booth", "television receiver", "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator",
+    "ottoman", "bottle", "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer",
+    "plaything", "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
+    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher",
+    "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier",
+    "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag",
 )
 CAMVID_CLASSES = (
     "sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car", "pedestrian", "bicyclist",
 )
 # In the order of the label values synthetic.py paints (synthetic.SKY ... synthetic.SIGN).
-SYNTHETIC_CLASSES = (
-    "sky", "building", "road", "sidewalk", "vegetation", "car", "person", "pole", "traffic sign",
-)
+SYNTHETIC_CLASSES = ("sky", "building", "road", "sidewalk", "vegetation", "car", "person", "pole", "traffic sign")
 
 
 @dataclass(frozen=True)
@@ -160,8 +156,7 @@ class DataInfo:
 
 @dataclass(frozen=True)
 class DataOptions:
-    """One field per data flag of ``train_icsd.py``, same names (``validation_fraction`` has no flag: the share
-    of train carved off, with ``seed``, when there is no validation split)."""
+    """One field per data flag of ``train_icsd.py``, same names."""
 
     dataset: str | None = None
     dataset_name: str | None = None
@@ -176,7 +171,6 @@ class DataOptions:
     seed: int = 42
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
-    validation_fraction: float = 0.1
 
     @classmethod
     def from_args(cls, namespace: argparse.Namespace) -> DataOptions:
@@ -327,8 +321,6 @@ def decode_label(value: Any, what: str = "label", dtype: type | None = np.int64)
                                  "it to a single-channel mask of class indices (e.g. an 'L' or 'P' PNG)")
     if array.ndim != 2:
         raise BadSampleError(f"{what}: expected an (H, W) mask, got shape {array.shape}")
-    if np.issubdtype(array.dtype, np.floating) and np.all(np.mod(array, 1) == 0):
-        array = array.astype(np.int64)
     if not np.issubdtype(array.dtype, np.integer) and array.dtype != np.bool_:
         raise BadSampleError(f"{what}: mask values must be integers, got {array.dtype}")
     return array if dtype is None else array.astype(dtype, copy=False)
@@ -356,9 +348,10 @@ def load_splits(options: DataOptions) -> tuple[datasets.Dataset, datasets.Datase
     dataset = _load_dataset(path, options.dataset_config_name, hub_kwargs)
     train, evaluation = _pick_splits(dataset, options, path, notes)
     image_column, label_column, name_column = columns = _pick_columns(train, evaluation, options)
-    # Decoding is left to the pipelines, so that it happens once, in workers, and a corrupt file is an error
-    # naming the sample instead of a crash deep in Arrow.
-    train, evaluation = (_undecoded(split.select_columns([c for c in columns if c])) for split in (train, evaluation))
+    train, evaluation = (split.select_columns([c for c in columns if c]) for split in (train, evaluation))
+    for column in (image_column, label_column):  # decoded by the pipelines: once, in workers, errors naming the row
+        train, evaluation = (split.cast_column(column, datasets.Image(decode=False))
+                             if isinstance(split.features[column], datasets.Image) else split for split in (train, evaluation))
     id2label = _pick_classes(options, preset, path, hub_kwargs.get("revision"), notes)
     ignore_index = 255 if options.ignore_index is None else int(options.ignore_index)
     if 0 <= ignore_index < len(id2label):
@@ -367,10 +360,8 @@ def load_splits(options: DataOptions) -> tuple[datasets.Dataset, datasets.Datase
     mapping = _pick_mapping(options, preset, train, label_column, notes)
     if options.max_train_samples is not None:
         train = train.select(range(min(options.max_train_samples, len(train))))
-        notes.append(f"kept the first {len(train)} training rows (max_train_samples)")
     if options.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(options.max_eval_samples, len(evaluation))))
-        notes.append(f"kept the first {len(evaluation)} evaluation rows (max_eval_samples)")
     return train, evaluation, DataInfo(
         id2label, ignore_index, image_column, label_column, preset.crop_size if preset else (512, 512), mapping,
         notes, preset and preset.name, path, name_column, preset and preset.default_teacher,
@@ -384,16 +375,14 @@ def _load_dataset(path: str, config_name: str | None, hub_kwargs: dict[str, str]
         if not local.is_dir():
             raise DataError(f"dataset folder {path!r} does not exist (or is a file): check the path")
         path = str(local)
-    hub_help = ("check the id, log in with `hf auth login` for private or gated datasets, pass a local folder with "
-                f"--dataset_name, or use a preset ({', '.join(DATASET_PRESETS)})")
     try:
-        loaded = datasets.load_dataset(path, config_name, **hub_kwargs)
+        return datasets.load_dataset(path, config_name, **hub_kwargs)
     except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:  # offline and not cached, no network,
-        hint = ""  # not on the Hub, gated, no such revision
-        if isinstance(err, ConnectionError) and not datasets.config.HF_HUB_OFFLINE:
-            hint = "; if it is cached, set HF_HUB_OFFLINE=1 to use the cache"
-        raise DataError(f"dataset {path!r} is not a local folder and could not be fetched from the Hub ({err}{hint}):"
-                        f" {hub_help}") from None
+        online = isinstance(err, ConnectionError) and not datasets.config.HF_HUB_OFFLINE  # no such repo, gated, ...
+        raise DataError(f"dataset {path!r} is not a local folder and could not be fetched from the Hub ({err}"
+                        + ("; if it is cached, set HF_HUB_OFFLINE=1 to use the cache" if online else "") + "): check "
+                        "the id, log in with `hf auth login` for private or gated datasets, pass a local folder with "
+                        f"--dataset_name, or use a preset ({', '.join(DATASET_PRESETS)})") from None
     except FileNotFoundError as err:  # datasets' EmptyDatasetError and DataFilesNotFoundError among them
         raise DataError(f"dataset {path!r} holds no data files that datasets can read ({err})") from None
     except (ValueError, RuntimeError) as err:  # two failures datasets has no error class for: its words, then
@@ -405,7 +394,6 @@ def _load_dataset(path: str, config_name: str | None, hub_kwargs: dict[str, str]
         raise DataError(f"dataset {path!r} is a loading script, which datasets {datasets.__version__} cannot run: "
                         "use a parquet copy (many script datasets have one at revision 'refs/convert/parquet') or "
                         "a local folder") from None
-    return datasets.DatasetDict({"train": loaded}) if isinstance(loaded, datasets.Dataset) else loaded
 
 
 def _pick_splits(splits: datasets.DatasetDict, options: DataOptions, path: str, notes: list[str]
@@ -423,10 +411,8 @@ def _pick_splits(splits: datasets.DatasetDict, options: DataOptions, path: str, 
         return train, splits[found]
     if len(train) < 2:
         raise DataError(f"split {options.train_split!r} has {len(train)} rows: too few to carve a validation split")
-    if not 0.0 < options.validation_fraction < 1.0:
-        raise DataError(f"validation_fraction must be in (0, 1), got {options.validation_fraction}")
-    carved = train.train_test_split(test_size=options.validation_fraction, seed=options.seed, shuffle=True)
-    notes.append(f"no validation split: carved {options.validation_fraction:.0%} of {options.train_split!r} with "
+    carved = train.train_test_split(test_size=0.1, seed=options.seed, shuffle=True)  # as in the HF example
+    notes.append(f"no validation split: carved 10% of {options.train_split!r} with "
                  f"seed {options.seed} ({len(carved['train'])} train / {len(carved['test'])} eval)")
     return carved["train"], carved["test"]
 
@@ -452,47 +438,31 @@ def _pick_columns(train: datasets.Dataset, evaluation: datasets.Dataset, options
     return picked[0], picked[1], name
 
 
-def _undecoded(split: datasets.Dataset) -> datasets.Dataset:
-    for column, feature in split.features.items():
-        if isinstance(feature, datasets.Image) and feature.decode:
-            split = split.cast_column(column, datasets.Image(decode=False))
-    return split
-
-
 def _pick_classes(options: DataOptions, preset: DatasetPreset | None, path: str, revision: str | None,
                   notes: list[str]) -> dict[int, str]:
     """Class names: the ``--id2label`` file, else the dataset's own id2label.json, else the preset's table."""
-    if options.id2label is not None:
-        notes.append(f"classes from {options.id2label}")
-        return _read_id2label(options.id2label)
-    found: str | None = str(Path(path).expanduser() / "id2label.json")
-    if not Path(path).expanduser().is_dir():  # a Hub repo: its file, as the Hugging Face example reads it
+    source = options.id2label or (Path(path).expanduser() / "id2label.json")
+    if options.id2label is None and not Path(path).expanduser().is_dir():  # a Hub repo: as the HF example reads it
         try:
-            found = huggingface_hub.hf_hub_download(path, "id2label.json", repo_type="dataset", revision=revision)
+            source = huggingface_hub.hf_hub_download(path, "id2label.json", repo_type="dataset", revision=revision)
         except (huggingface_hub.errors.EntryNotFoundError, OSError) as err:  # no such file, or not cached offline
             logger.debug("no id2label.json for %s: %s", path, err)
-            found = None
-    if found is not None and Path(found).is_file():
-        id2label = _read_id2label(found)
-        notes.append(f"classes from the dataset's id2label.json ({len(id2label)} classes)")
-        return id2label
-    if preset is not None:
-        notes.append(f"classes from the {preset.name} preset ({len(preset.classes)} classes)")
+            source = None
+    if options.id2label is None and (source is None or not Path(source).is_file()):
+        if preset is None:
+            raise DataError(f"no class names for {path!r}: it has no id2label.json; pass --id2label FILE with "
+                            "{\"0\": \"name\", ...} or a --dataset preset")
+        notes.append(f"classes from the {preset.name} preset")
         return preset.id2label
-    raise DataError(f"no class names for {path!r}: it has no id2label.json; pass --id2label FILE with "
-                    "{\"0\": \"name\", ...} or a --dataset preset")
-
-
-def _read_id2label(path: str) -> dict[int, str]:
-    """``{"0": "name", ...}`` from a JSON file, keys 0..C-1."""
     try:
-        id2label = {int(k): str(v) for k, v in json.loads(Path(path).read_text(encoding="utf-8")).items()}
+        id2label = {int(k): str(v) for k, v in json.loads(Path(source).read_text(encoding="utf-8")).items()}
     except (OSError, ValueError, AttributeError) as err:  # missing, not JSON, not an object, keys not integers
-        raise DataError(f"id2label file {path!r} cannot be read as {{\"0\": \"name\", ...}} ({type(err).__name__}: "
-                        f"{err}): check the --id2label path and file") from None
+        raise DataError(f"id2label file {str(source)!r} cannot be read as {{\"0\": \"name\", ...}} "
+                        f"({type(err).__name__}: {err}): check the --id2label path and file") from None
     if not id2label or sorted(id2label) != list(range(len(id2label))):
-        raise DataError(f"id2label file {path!r} keys must be 0..{len(id2label) - 1} without gaps, got "
+        raise DataError(f"id2label file {str(source)!r} keys must be 0..{len(id2label) - 1} without gaps, got "
                         f"{sorted(id2label)[:20]}")
+    notes.append(f"classes from {source}")
     return dict(sorted(id2label.items()))
 
 
@@ -526,10 +496,11 @@ def _load_synthetic(options: DataOptions) -> tuple[datasets.Dataset, datasets.Da
              if getattr(options, name) not in (getattr(DataOptions, name), harmless.get(name))]
     if given:
         raise DataError(f"the synthetic preset generates its own data and classes: drop {', '.join(given)}")
-    size = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", options.dataset_config_name or "128x128")
-    if not size:
-        raise DataError(f"synthetic dataset_config_name must be 'HxW', e.g. '128x128', not {options.dataset_config_name!r}")
-    height, width = int(size.group(1)), int(size.group(2))
+    try:
+        height, width = (int(side) for side in (options.dataset_config_name or "128x128").lower().split("x"))
+    except ValueError:
+        raise DataError(f"synthetic dataset_config_name must be 'HxW', e.g. '128x128', not "
+                        f"{options.dataset_config_name!r}") from None
     num_train = 512 if options.max_train_samples is None else max(1, min(options.max_train_samples, 512))
     num_eval = 64 if options.max_eval_samples is None else max(1, min(options.max_eval_samples, 64))
     try:
@@ -575,9 +546,6 @@ class CropGeometry(NamedTuple):
     flip: bool
 
 
-_TWISTER = threading.local()  # one NumPy MT19937 per thread, re-seeded per sample (a new one costs 30 times more)
-
-
 def crop_geometry(seed: int, epoch: int, index: int, image_hw: tuple[int, int], crop_size: tuple[int, int],
                   scale_range: tuple[float, float] = (0.5, 2.0)) -> CropGeometry:
     """The random scale, crop window and flip of training sample ``index`` in ``epoch``, from these alone.
@@ -616,10 +584,9 @@ class SegmentationSamples(torch.utils.data.Dataset):
 
     def __init__(self, hf_ds: datasets.Dataset, info: DataInfo, pad_mean: Sequence[float], skip_bad_samples: bool):
         self.hf_ds, self.info, self.skip_bad_samples = hf_ds, info, skip_bad_samples
-        pad = [float(v) for v in pad_mean]
-        if len(pad) != 3 or not all(0.0 <= v <= 1.0 for v in pad):
-            raise ValueError(f"pad_mean needs 3 values in [0, 1] (a model's input mean for [0, 1] RGB), got {pad}")
-        self.pad_rgb = tuple(int(round(v * 255)) for v in pad)
+        if len(pad_mean) != 3 or not all(0.0 <= v <= 1.0 for v in pad_mean):
+            raise ValueError(f"pad_mean needs 3 values in [0, 1] (a model's input mean for [0, 1] RGB), got {pad_mean}")
+        self.pad_rgb = tuple(int(round(float(v) * 255)) for v in pad_mean)
         self.split_name = str(hf_ds.split) if getattr(hf_ds, "split", None) is not None else "dataset"
         byte = 0 <= info.ignore_index <= 255 and info.num_labels <= 256  # every preset: one byte per label pixel
         self.label_dtype = np.uint8 if byte else np.int64
@@ -649,8 +616,7 @@ class SegmentationSamples(torch.utils.data.Dataset):
         return text
 
     def _decode(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Image (H, W, 3|4) uint8 RGB (a 4th channel unused); label (H, W), raw uint8 values or final ones of
-        ``label_dtype``; the 256-entry table still to apply to raw values, or None. Both may be read-only."""
+        """Image (H, W, 3|4) uint8; label (H, W), raw uint8 or final; the table still to apply to raw labels."""
         row = None
         try:
             row = self.hf_ds[int(index)]
@@ -694,26 +660,21 @@ class SegmentationTrainDataset(SegmentationSamples):
     """Random scale, crop, pad and flip in uint8 (:func:`crop_geometry`), deterministic per (seed, epoch, index).
 
     Items: ``{"pixel_values": uint8 (3, h, w) RGB, "labels": (h, w)}``, (h, w) = ``crop_size``, labels uint8 when
-    the classes and ignore index fit in a byte (else int64); ``{"skipped": True, ...}`` for a bad sample with
-    ``skip_bad_samples``. Padding is the ``pad_mean`` colour (RGB in [0, 1]: the student's input mean, which its
-    adapter normalizes to about 0) with ignored labels.
+    the classes fit in a byte (else int64), or ``{"skipped": True, ...}`` (``skip_bad_samples``). Padding: the
+    ``pad_mean`` colour (the student's input mean, RGB in [0, 1], normalized to about 0), labels ignored.
     """
 
     def __init__(self, hf_ds: datasets.Dataset, info: DataInfo, *, crop_size: tuple[int, int],
                  pad_mean: Sequence[float], seed: int, scale_range: tuple[float, float] = (0.5, 2.0),
                  skip_bad_samples: bool = False):
         super().__init__(hf_ds, info, pad_mean, skip_bad_samples)
-        self.crop_size = (int(crop_size[0]), int(crop_size[1]))
-        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
-        if min(self.crop_size) < 1 or not 0 < self.scale_range[0] <= self.scale_range[1] or seed < 0:
-            raise ValueError(f"need a positive crop_size, a scale_range 0 < low <= high and a seed >= 0, got "
-                             f"{crop_size}, {scale_range}, {seed}")
+        self.crop_size, self.scale_range = (int(crop_size[0]), int(crop_size[1])), tuple(map(float, scale_range))
+        if min(self.crop_size) < 1 or not 0 < self.scale_range[0] <= self.scale_range[1]:
+            raise ValueError(f"need a positive crop_size and 0 < low <= high scale_range, got {crop_size}, {scale_range}")
         self.seed, self.epoch = int(seed), 0
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose augmentations items draw (before each epoch's DataLoader iterator starts)."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be non-negative, got {epoch}")
         self.epoch = int(epoch)
 
     def _item(self, index: int, image: np.ndarray, label: np.ndarray, table: np.ndarray | None) -> dict:
@@ -730,11 +691,9 @@ class SegmentationTrainDataset(SegmentationSamples):
 
 
 class SegmentationEvalDataset(SegmentationSamples):
-    """Whole images (resized so the short side is ``short_side``, if given), labels at full resolution.
-
-    Items: ``{"pixel_values": uint8 (3, h, w) RGB, "labels": (H, W), "ignore_index", "pad_rgb", "min_size"}``;
-    :func:`eval_collate` pads images to at least ``min_size`` per side (the smallest input the models run on).
-    """
+    """Whole images (resized so the short side is ``short_side``, if given), labels at full resolution: items
+    ``{"pixel_values": uint8 (3, h, w) RGB, "labels": (H, W), "ignore_index", "pad_rgb", "min_size"}``, which
+    :func:`eval_collate` pads to at least ``min_size`` per side (the smallest input the models run on)."""
 
     def __init__(self, hf_ds: datasets.Dataset, info: DataInfo, *, pad_mean: Sequence[float],
                  short_side: int | None = None, skip_bad_samples: bool = False, min_size: int = 1):
@@ -761,9 +720,8 @@ build_eval_dataset = SegmentationEvalDataset
 
 
 def _rgbx_window(window: np.ndarray, flip: bool) -> np.ndarray:
-    """(h, w, 3|4) uint8 RGB, mirrored if ``flip``, as a new contiguous (h, w, 4) array (the 4th byte unused):
-    how Pillow holds RGB and torch's uint8 resampling works, and whole pixels copy (and mirror) as uint32
-    several times faster than byte by byte."""
+    """(h, w, 3|4) uint8 RGB, mirrored if ``flip``, as a new contiguous (h, w, 4): as Pillow holds RGB and torch
+    resamples uint8; whole pixels copy (and mirror) as uint32 several times faster than byte by byte."""
     window = window[:, ::-1] if flip else window
     if window.shape[2] == 4:
         return np.array(window.view(np.uint32)).view(np.uint8)
@@ -795,9 +753,6 @@ def _padded(fill: np.ndarray, size: tuple[int, int], inner: tuple[int, int], mir
     return canvas, canvas[..., :height, left:left + width]
 
 
-_RGB_SHIFTS = (0, 8, 16) if sys.byteorder == "little" else (24, 16, 8)  # R, G, B in an RGBX pixel read as uint32
-
-
 def _planes(pixels: np.ndarray, size: tuple[int, int], fill: Sequence[int], mirrored: bool) -> torch.Tensor:
     """(h, w, 3|4) uint8 RGB(X) as a new (3, *size) tensor, padded with ``fill`` as :func:`_padded` does. Whole
     4-byte pixels are shifted and truncated as uint32, a plane at a time: twice as fast as torch's byte copy."""
@@ -817,7 +772,7 @@ def _nearest_label(label: np.ndarray, out: np.ndarray, table: np.ndarray | None,
     (height, width), (out_h, out_w) = label.shape, out.shape
     if table is not None and label.size <= out.size:  # map whichever of input and output is smaller
         label, table = np.take(table, label), None
-    # Centres 0.5, 1.5, ... times size / out stay below size by far more than the rounding: no clipping needed.
+    # Centres 0.5, 1.5, ... times size / out stay below size by far more than the rounding: no clipping.
     rows = (np.arange(0.5, out_h) * (height / out_h)).astype(np.int64) if out_h != height else None
     cols = (np.arange(0.5, out_w) * (width / out_w)).astype(np.int64) if out_w != width else None
     if flip and cols is None:
@@ -842,10 +797,11 @@ def train_collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
     """Stack training samples, dropping skipped ones: ``pixel_values`` (B, 3, h, w) uint8, ``labels`` (B, h, w)
     and ``num_skipped`` (0-dim long); B is 0 when every sample was skipped."""
     kept = [s for s in samples if not s.get("skipped")]
-    return {"pixel_values": torch.stack([s["pixel_values"] for s in kept]) if kept else
-            torch.empty(0, 3, 0, 0, dtype=torch.uint8),
-            "labels": torch.stack([s["labels"] for s in kept]) if kept else torch.empty(0, 0, 0, dtype=torch.uint8),
-            "num_skipped": torch.tensor(len(samples) - len(kept))}
+    if not kept:
+        return {"pixel_values": torch.empty(0, 3, 0, 0, dtype=torch.uint8),
+                "labels": torch.empty(0, 0, 0, dtype=torch.uint8), "num_skipped": torch.tensor(len(samples))}
+    return {"pixel_values": torch.stack([s["pixel_values"] for s in kept]),
+            "labels": torch.stack([s["labels"] for s in kept]), "num_skipped": torch.tensor(len(samples) - len(kept))}
 
 
 def eval_collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:

@@ -171,7 +171,7 @@ def test_cityscapes_preset_detects_label_ids_and_leaves_train_ids(tmp_path):
     label_id_mask[4:, :3] = 26  # car
     label_id_mask[0, 0] = 0  # unlabeled
     folder = simple_dataset(tmp_path / "ids", [label_id_mask] * 3)
-    options = data.DataOptions(dataset="cityscapes", dataset_name=str(folder), validation_fraction=0.34)
+    options = data.DataOptions(dataset="cityscapes", dataset_name=str(folder))
     train, _, info = data.load_splits(options)
     assert info.label_mapping == data.LABELS_CITYSCAPES_LABELID and info.num_labels == 19
     label = first_eval_label(train, info)
@@ -181,7 +181,7 @@ def test_cityscapes_preset_detects_label_ids_and_leaves_train_ids(tmp_path):
     train_id_mask = np.where(label_id_mask == 7, 0, np.where(label_id_mask == 23, 10, 13))
     train_id_mask[0, 0] = 255
     folder = simple_dataset(tmp_path / "train_ids", [train_id_mask] * 3)
-    options = data.DataOptions(dataset="cityscapes", dataset_name=str(folder), validation_fraction=0.34)
+    options = data.DataOptions(dataset="cityscapes", dataset_name=str(folder))
     train, _, info = data.load_splits(options)
     assert info.label_mapping == data.LABELS_IDENTITY
     assert np.array_equal(first_eval_label(train, info), train_id_mask)
@@ -239,7 +239,7 @@ def test_unusual_image_modes_are_converted(tmp_path):
     folder = write_dataset(tmp_path / "modes", {"train": {
         "image": [png_bytes(im) for im in images], "label": [png_bytes(lb) for lb in labels],
         "name": ["L", "RGBA", "P", "I16"]}}, id2label={i: f"c{i}" for i in range(400)})
-    options = data.DataOptions(dataset_name=str(folder), validation_fraction=0.25, ignore_index=1000)
+    options = data.DataOptions(dataset_name=str(folder), ignore_index=1000)
     train, evaluation, _ = data.load_splits(options)
     full = datasets.concatenate_datasets([train, evaluation])
     decoded = {}
@@ -332,7 +332,7 @@ def test_image_and_label_of_different_sizes_name_the_sample(tmp_path):
     columns = {"image": [png_bytes(rgb(4, 6))] * 2, "label": [png_bytes(mask(np.zeros((4, 5))))] * 2,
                "name": ["a", "b"]}
     folder = write_dataset(tmp_path / "sizes", {"train": columns}, id2label={0: "x"})
-    train, _, info = data.load_splits(data.DataOptions(dataset_name=str(folder), validation_fraction=0.5))
+    train, _, info = data.load_splits(data.DataOptions(dataset_name=str(folder)))
     with pytest.raises(data.BadSampleError, match=r"row 0 \(name='.'\).*6x4 but its label is 5x4"):
         data.build_eval_dataset(train, info, pad_mean=MEAN)[0]
 
@@ -597,7 +597,7 @@ def test_pipelines_survive_pickling(tmp_path):
     # DataLoader workers started with "spawn" get the dataset pickled (deepcopy takes the same hooks).
     folder = simple_dataset(tmp_path / "pickle", [np.full((8, 8), i) for i in range(3)])
     (folder / "id2label.json").write_text(json.dumps({str(i): str(i) for i in range(3)}))
-    train, _, info = data.load_splits(data.DataOptions(dataset_name=str(folder), validation_fraction=0.34))
+    train, _, info = data.load_splits(data.DataOptions(dataset_name=str(folder)))
     for pipeline in (data.build_eval_dataset(train, info, pad_mean=MEAN),
                      data.build_train_dataset(train, info, crop_size=(4, 4), pad_mean=MEAN, seed=1)):
         copy = deepcopy(pipeline)

@@ -309,16 +309,15 @@ def decode_label(value: Any, what: str = "label", dtype: type | None = np.int64)
         elif array.shape[2] == 3 and array.dtype == np.uint8:
             codes = (array[:, :, 0].astype(np.int64) << 16) | (array[:, :, 1].astype(np.int64) << 8) | array[:, :, 2]
             unique, inverse = np.unique(codes, return_inverse=True)
-            unknown = [code for code in unique.tolist() if code not in _VOC_INDEX_OF_COLOUR]
+            unknown = [(c >> 16, (c >> 8) & 255, c & 255) for c in unique.tolist() if c not in _VOC_INDEX_OF_COLOUR]
             if unknown:
                 raise BadSampleError(
-                    f"{what}: the RGB mask holds the colour {(unknown[0] >> 16, (unknown[0] >> 8) & 255, unknown[0] & 255)}"
-                    ", which is not in the Pascal VOC colour map; convert colour-coded masks to single-channel class "
-                    "indices (an 'L' or 'P' PNG)")
+                    f"{what}: the RGB mask holds the colour {unknown[0]}, which is not in the Pascal VOC colour map; "
+                    "convert colour-coded masks to single-channel class indices (an 'L' or 'P' PNG)")
             array = np.array([_VOC_INDEX_OF_COLOUR[c] for c in unique.tolist()])[inverse.reshape(codes.shape)]
         else:
-            raise BadSampleError(f"{what}: the mask is colour-coded ({array.dtype}, {array.shape[2]} channels); convert "
-                                 "it to a single-channel mask of class indices (e.g. an 'L' or 'P' PNG)")
+            raise BadSampleError(f"{what}: the mask is colour-coded ({array.dtype}, {array.shape[2]} channels); "
+                                 "convert it to a single-channel mask of class indices (e.g. an 'L' or 'P' PNG)")
     if array.ndim != 2:
         raise BadSampleError(f"{what}: expected an (H, W) mask, got shape {array.shape}")
     if not np.issubdtype(array.dtype, np.integer) and array.dtype != np.bool_:
@@ -336,12 +335,10 @@ def load_splits(options: DataOptions) -> tuple[datasets.Dataset, datasets.Datase
     path = options.dataset_name or (preset.hub_id if preset else None)
     if preset is not None and preset.name == "synthetic":
         return _load_synthetic(options)
-    if path is None and preset is None:
-        raise DataError(f"no dataset given: pass --dataset PRESET ({', '.join(DATASET_PRESETS)}) or "
-                        "--dataset_name PATH_OR_HUB_ID")
     if path is None:
-        raise DataError(f"preset {preset.name!r} has no default Hub copy: pass --dataset_name with a local folder "
-                        f"(e.g. ../shared/data/{preset.name})")
+        raise DataError(f"no dataset given: pass --dataset PRESET ({', '.join(DATASET_PRESETS)}) or --dataset_name "
+                        "PATH_OR_HUB_ID" if preset is None else f"preset {preset.name!r} has no default Hub copy: pass "
+                        f"--dataset_name with a local folder (e.g. ../shared/data/{preset.name})")
     hub_kwargs = dict(preset.hub_kwargs) if preset and not options.dataset_name else {}  # for its own copy only
     notes: list[str] = []
 
@@ -350,8 +347,8 @@ def load_splits(options: DataOptions) -> tuple[datasets.Dataset, datasets.Datase
     image_column, label_column, name_column = columns = _pick_columns(train, evaluation, options)
     train, evaluation = (split.select_columns([c for c in columns if c]) for split in (train, evaluation))
     for column in (image_column, label_column):  # decoded by the pipelines: once, in workers, errors naming the row
-        train, evaluation = (split.cast_column(column, datasets.Image(decode=False))
-                             if isinstance(split.features[column], datasets.Image) else split for split in (train, evaluation))
+        train, evaluation = (split.cast_column(column, datasets.Image(decode=False)) if isinstance(
+            split.features[column], datasets.Image) else split for split in (train, evaluation))
     id2label = _pick_classes(options, preset, path, hub_kwargs.get("revision"), notes)
     ignore_index = 255 if options.ignore_index is None else int(options.ignore_index)
     if 0 <= ignore_index < len(id2label):
@@ -421,8 +418,9 @@ def _pick_columns(train: datasets.Dataset, evaluation: datasets.Dataset, options
                   ) -> tuple[str, str, str | None]:
     """(image, label, name) columns: the options' names, else the first known candidates."""
     columns, picked = list(train.column_names), []
-    for explicit, candidates, what, flag in ((options.image_column, IMAGE_COLUMN_CANDIDATES, "image", "--image_column"),
-                                             (options.label_column, LABEL_COLUMN_CANDIDATES, "label", "--label_column")):
+    for explicit, candidates, what in ((options.image_column, IMAGE_COLUMN_CANDIDATES, "image"),
+                                       (options.label_column, LABEL_COLUMN_CANDIDATES, "label")):
+        flag = f"--{what}_column"
         if explicit is not None and explicit not in columns:
             raise DataError(f"{what} column {explicit!r} not found; the dataset has columns {columns}: pass {flag}")
         picked.append(explicit or next((c for c in candidates if c in columns), None))
@@ -471,12 +469,9 @@ def _pick_mapping(options: DataOptions, preset: DatasetPreset | None, train: dat
     """The preset's ``LABELS_*`` mapping, reduce labels forced or disabled by ``do_reduce_labels``, and Cityscapes
     labelId -> trainId if any of the first training masks holds a value only labelIds use (19..254)."""
     mapping = preset.label_handling if preset else LABELS_IDENTITY
-    if options.do_reduce_labels and mapping != LABELS_REDUCE:
-        notes.append(f"reduce labels forced by do_reduce_labels=True (instead of {mapping})")
-        return LABELS_REDUCE
-    if options.do_reduce_labels is False and mapping == LABELS_REDUCE:
-        notes.append("reduce labels disabled by do_reduce_labels=False")
-        return LABELS_IDENTITY
+    if options.do_reduce_labels is not None and options.do_reduce_labels != (mapping == LABELS_REDUCE):
+        notes.append(f"reduce labels {'forced' if options.do_reduce_labels else 'disabled'} by do_reduce_labels")
+        return LABELS_REDUCE if options.do_reduce_labels else LABELS_IDENTITY
     if mapping != LABELS_CITYSCAPES_AUTO:
         return mapping
     probe = [decode_label(train[i][label_column], f"{options.train_split} row {i}") for i in range(min(8, len(train)))]
@@ -609,7 +604,8 @@ class SegmentationSamples(torch.utils.data.Dataset):
     def _describe(self, index: int, row: dict | None) -> str:
         row, text = row or {}, f"{self.split_name} row {index}"
         name = row.get(self.info.name_column) if self.info.name_column else None
-        text += f" ({self.info.name_column}={name!r})" if name is not None and not isinstance(name, (dict, bytes)) else ""
+        if name is not None and not isinstance(name, (dict, bytes)):
+            text += f" ({self.info.name_column}={name!r})"
         for column, form in ((self.info.image_column, " file {}"), (self.info.label_column, " (label file {})")):
             value = row.get(column)  # the mask may be the file at fault
             text += form.format(value["path"]) if isinstance(value, dict) and value.get("path") else ""
@@ -670,7 +666,7 @@ class SegmentationTrainDataset(SegmentationSamples):
         super().__init__(hf_ds, info, pad_mean, skip_bad_samples)
         self.crop_size, self.scale_range = (int(crop_size[0]), int(crop_size[1])), tuple(map(float, scale_range))
         if min(self.crop_size) < 1 or not 0 < self.scale_range[0] <= self.scale_range[1]:
-            raise ValueError(f"need a positive crop_size and 0 < low <= high scale_range, got {crop_size}, {scale_range}")
+            raise ValueError(f"need a positive crop_size, 0 < low <= high scale_range: got {crop_size}, {scale_range}")
         self.seed, self.epoch = int(seed), 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -779,8 +775,8 @@ def _nearest_label(label: np.ndarray, out: np.ndarray, table: np.ndarray | None,
         label = label[:, ::-1]
     elif flip:
         cols = cols[::-1]  # mirrored by the gather itself, at no cost
-    # Rows are copied whole, columns value by value (np.take, several times faster than torch's index_select):
-    # gather the columns on whichever of the input and the output has fewer rows. The last step writes out.
+    # Rows are copied whole, columns value by value (np.take, faster than torch): gather the columns on whichever
+    # of the input and the output has fewer rows. The last step writes out.
     steps = [(index, axis) for index, axis in ((rows, 0), (cols, 1)) if index is not None]
     if len(steps) == 2 and height < out_h:
         steps.reverse()
@@ -805,16 +801,14 @@ def train_collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
 
 
 def eval_collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
-    """Pad evaluation samples to the batch's largest image (and ``min_size``) and label, dropping skipped ones.
-
-    Images are padded bottom/right with the samples' ``pad_rgb`` (0 without one), labels with their ignore
-    index. Returns ``pixel_values`` (B, 3, H, W), ``labels`` (B, Hl, Wl), ``image_sizes`` and ``label_sizes``
-    (B, 2) long (h, w before padding; predictions are cut back to them) and ``num_skipped`` (0-dim long).
-    """
+    """Pad evaluation samples bottom/right to the batch's largest image (and ``min_size``), with their ``pad_rgb``,
+    and label, with their ignore index: ``pixel_values`` (B, 3, H, W), ``labels`` (B, Hl, Wl), ``image_sizes`` and
+    ``label_sizes`` (B, 2) long (before padding: predictions are cut back to them), ``num_skipped`` (0-dim long)."""
     kept = [s for s in samples if not s.get("skipped")]
     image_sizes = torch.tensor([tuple(s["pixel_values"].shape[1:]) for s in kept], dtype=torch.long).view(-1, 2)
     label_sizes = torch.tensor([tuple(s["labels"].shape) for s in kept], dtype=torch.long).view(-1, 2)
-    batch = {"image_sizes": image_sizes, "label_sizes": label_sizes, "num_skipped": torch.tensor(len(samples) - len(kept))}
+    batch = {"image_sizes": image_sizes, "label_sizes": label_sizes}
+    batch["num_skipped"] = torch.tensor(len(samples) - len(kept))
     if not kept:
         return {**train_collate(samples), **batch}
     min_size = max(int(s.get("min_size", 1)) for s in kept)

@@ -597,9 +597,28 @@ class SegmentationSamples(torch.utils.data.Dataset):
             self._u8_range = (0, 255) if valid.all() else ((256 - starts[0]) % 256, int(valid.sum()) - 1)
         identity = byte and np.array_equal(mapped, np.arange(256))
         self._u8_table = None if identity else np.where(valid, mapped, 0).astype(self.label_dtype)
+        self._columns: dict | None = None  # see _row
 
     def __len__(self) -> int:
         return len(self.hf_ds)
+
+    def __getstate__(self) -> dict:  # workers started by pickling rebuild the column handles, which hold the data
+        return {**self.__dict__, "_columns": None}
+
+    def _row(self, index: int) -> dict:
+        """``hf_ds[index]``, read straight from the Arrow columns where that is the same row: datasets' formatting
+        costs 0.1-0.2 ms an item after a decode (5% of a VOC training item, tools/bench_data.py), and datasets has
+        no public way to tell a split without an indices mapping (select, shuffle). tests/test_data.py checks that
+        this private attribute still means what it meant."""
+        if self._columns is None:
+            names = [n for n in (self.info.image_column, self.info.label_column, self.info.name_column) if n]
+            plain = all(isinstance(f, datasets.Value) or (isinstance(f, datasets.Image) and not f.decode)
+                        for n, f in self.hf_ds.features.items() if n in names)
+            plain = plain and getattr(self.hf_ds, "_indices", "") is None and self.hf_ds.format["type"] is None
+            self._columns = {n: self.hf_ds.data.column(n) for n in names if n in self.hf_ds.features} if plain else {}
+        if not self._columns:
+            return self.hf_ds[index]
+        return {name: column[index].as_py() for name, column in self._columns.items()}
 
     def _describe(self, index: int, row: dict | None) -> str:
         row, text = row or {}, f"{self.split_name} row {index}"
@@ -615,7 +634,7 @@ class SegmentationSamples(torch.utils.data.Dataset):
         """Image (H, W, 3|4) uint8; label (H, W), raw uint8 or final; the table still to apply to raw labels."""
         row = None
         try:
-            row = self.hf_ds[int(index)]
+            row = self._row(int(index))
             what = self._describe(index, row)
             image = decode_image(row[self.info.image_column], f"{what} image", rgbx=True)
             label = decode_label(row[self.info.label_column], f"{what} label", dtype=None)

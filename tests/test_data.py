@@ -593,15 +593,25 @@ def test_crop_geometry_is_a_pure_function_with_fixed_draws():
     assert data.crop_geometry(0, 0, 1, (10, 20), (32, 32), (1.0, 1.0))[1:3] == ((0, 10, 10), (0, 20, 20))
 
 
-def test_pipelines_survive_pickling(tmp_path):
-    # DataLoader workers started with "spawn" get the dataset pickled (deepcopy takes the same hooks).
-    folder = simple_dataset(tmp_path / "pickle", [np.full((8, 8), i) for i in range(3)])
+def test_rows_read_from_arrow_equal_the_datasets_rows_and_survive_pickling(tmp_path):
+    # The pipelines read rows from the Arrow columns, past datasets' formatting, when a split has no indices
+    # mapping: that reads datasets' private Dataset._indices. If datasets changes it, this fails.
+    folder = simple_dataset(tmp_path / "rows", [np.full((8, 8), i) for i in range(3)],
+                            validation={"image": [png_bytes(rgb(8, 8))], "label": [png_bytes(mask(np.zeros((8, 8))))],
+                                        "name": ["v"]})
     (folder / "id2label.json").write_text(json.dumps({str(i): str(i) for i in range(3)}))
     train, _, info = data.load_splits(data.DataOptions(dataset_name=str(folder)))
-    for pipeline in (data.build_eval_dataset(train, info, pad_mean=MEAN),
-                     data.build_train_dataset(train, info, crop_size=(4, 4), pad_mean=MEAN, seed=1)):
-        copy = deepcopy(pipeline)
-        assert all(torch.equal(copy[i]["pixel_values"], pipeline[i]["pixel_values"]) for i in range(len(train)))
+    for ds, direct in ((train, True), (train.select([2, 0]), False)):  # select() maps indices: not direct
+        pipeline = data.build_eval_dataset(ds, info, pad_mean=MEAN)
+        assert [pipeline._row(i) for i in range(len(ds))] == [ds[i] for i in range(len(ds))]
+        assert bool(pipeline._columns) == direct
+        # deepcopy goes through the same __reduce_ex__/__getstate__ hooks as the pickle a "spawn" worker gets
+        for original in (pipeline, data.build_train_dataset(ds, info, crop_size=(4, 4), pad_mean=MEAN, seed=1)):
+            original[0]  # the column handles exist now: the copy must not carry them
+            copy = deepcopy(original)
+            assert copy._columns is None
+            assert all(torch.equal(copy[i]["pixel_values"], original[i]["pixel_values"]) and
+                       torch.equal(copy[i]["labels"], original[i]["labels"]) for i in range(len(ds)))
 
 
 @pytest.mark.parametrize("mapping, num_labels", [

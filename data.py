@@ -700,9 +700,10 @@ class SegmentationTrainDataset(SegmentationSamples):
         pixels = _rgbx_window(image[y0:y0 + src_h, x0:x0 + src_w], flip)
         if (out_h, out_w) != (src_h, src_w):
             pixels = _resize_rgbx(pixels, (out_h, out_w))
+        planes = _planes(pixels, self.crop_size, self.pad_rgb, flip)  # while the resized pixels are in the cache
         labels, window = _padded(self._label_fill, self.crop_size, (out_h, out_w), flip)
         _nearest_label(label[y0:y0 + src_h, x0:x0 + src_w], window, table, flip)
-        return {"pixel_values": _planes(pixels, self.crop_size, self.pad_rgb, flip), "labels": torch.from_numpy(labels)}
+        return {"pixel_values": planes, "labels": torch.from_numpy(labels)}
 
 
 class SegmentationEvalDataset(SegmentationSamples):

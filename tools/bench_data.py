@@ -16,8 +16,8 @@ folder, and prints per sample size:
 
 Per-item times are CPU times with one torch thread, as in a DataLoader worker (on a shared machine, wall
 times would charge other processes' load to whichever measurement it overlapped). The script also runs
-against the code before the uint8 pipeline (whose dataset builders took ``mean``/``std``), so one script
-measures both.
+against older code (dataset builders that took ``mean``/``std``, a ``DataInfo`` with more fields), so one
+script measures before and after.
 """
 
 from __future__ import annotations

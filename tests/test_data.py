@@ -382,17 +382,20 @@ def test_no_validation_split_is_carved_reproducibly_with_a_note(tmp_path):
     assert not set(evaluation["name"]) & set(train["name"])
 
 
-def unloadable_folders(root: Path) -> dict[str, Path]:
-    """Folders that datasets 5 cannot load, each for another reason."""
-    script, empty_split, no_data = root / "script", root / "empty_split", root / "no_data"
-    for folder in (script, no_data):
+def unloadable_folder(root: Path, case: str) -> Path:
+    """A folder that datasets 5 cannot load: a loading script, a split without rows, or no data files."""
+    folder = root / case
+    if case == "empty_split":
+        row = {"image": [png_bytes(rgb(4, 4))], "label": [png_bytes(mask(np.zeros((4, 4))))]}
+        write_dataset(folder, {"train": row})
+        empty = datasets.Dataset.from_dict({"image": [], "label": []}, features=datasets.Features(
+            {"image": datasets.Image(), "label": datasets.Image()}))
+        empty.to_parquet(str(folder / "data" / "validation-00000-of-00001.parquet"))
+    else:
         folder.mkdir()
-    (script / "script.py").write_text("import datasets\n")  # a loading script, as old Hub datasets shipped
-    write_dataset(empty_split, {"train": {"image": [png_bytes(rgb(4, 4))], "label": [png_bytes(mask(np.zeros((4, 4))))]}})
-    empty = datasets.Dataset.from_dict({"image": [], "label": []}, features=datasets.Features(
-        {"image": datasets.Image(), "label": datasets.Image()}))
-    empty.to_parquet(str(empty_split / "data" / "validation-00000-of-00001.parquet"))
-    return {"script": script, "empty_split": empty_split, "no_data": no_data}
+    if case == "script":
+        (folder / "script.py").write_text("import datasets\n")  # a loading script, as old Hub datasets shipped
+    return folder
 
 
 @pytest.mark.parametrize("case, fragments", [
@@ -406,13 +409,12 @@ def unloadable_folders(root: Path) -> dict[str, Path]:
 def test_datasets_that_cannot_load_fail_at_once_in_one_line(tmp_path, case, fragments):
     # datasets' own errors (offline and not cached, a script, a split without rows, a folder without data),
     # each turned into one DataError line naming the problem, with no network and no retries.
-    folders = unloadable_folders(tmp_path)
     options = {"missing_folder": data.DataOptions(dataset_name=str(tmp_path / "no_such_folder")),
                "hub_offline": data.DataOptions(dataset_name="someone/some-segmentation-set"),
                "ade20k_offline": data.DataOptions(dataset="ade20k")}.get(case)
     start = time.monotonic()
     with pytest.raises(data.DataError) as info:
-        data.load_splits(options or data.DataOptions(dataset_name=str(folders[case]), id2label=None))
+        data.load_splits(options or data.DataOptions(dataset_name=str(unloadable_folder(tmp_path, case))))
     assert time.monotonic() - start < 5.0
     message = str(info.value)
     assert "\n" not in message and all(fragment in message for fragment in fragments), message

@@ -104,6 +104,7 @@ class DatasetPreset:
     default_student: str | None
     label_handling: str
     hub_kwargs: tuple[tuple[str, str], ...] = ()
+    ignore_index: int = 255
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -156,7 +157,8 @@ class DataInfo:
 
 @dataclass(frozen=True)
 class DataOptions:
-    """One field per data flag of ``train_icsd.py``, same names."""
+    """One field per data flag of ``train_icsd.py``, same names; ``validation_fraction`` (``--train_val_split``)
+    is the share of train carved off, with ``seed``, for a dataset without a validation split."""
 
     dataset: str | None = None
     dataset_name: str | None = None
@@ -171,6 +173,7 @@ class DataOptions:
     seed: int = 42
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    validation_fraction: float = 0.1
 
     @classmethod
     def from_args(cls, namespace: argparse.Namespace) -> DataOptions:
@@ -350,7 +353,7 @@ def load_splits(options: DataOptions) -> tuple[datasets.Dataset, datasets.Datase
         train, evaluation = (split.cast_column(column, datasets.Image(decode=False)) if isinstance(
             split.features[column], datasets.Image) else split for split in (train, evaluation))
     id2label = _pick_classes(options, preset, path, hub_kwargs.get("revision"), notes)
-    ignore_index = 255 if options.ignore_index is None else int(options.ignore_index)
+    ignore_index = (preset.ignore_index if preset else 255) if options.ignore_index is None else options.ignore_index
     if 0 <= ignore_index < len(id2label):
         raise DataError(f"ignore_index {ignore_index} is a class id (0..{len(id2label) - 1}): pick a value "
                         "outside the classes")
@@ -408,8 +411,10 @@ def _pick_splits(splits: datasets.DatasetDict, options: DataOptions, path: str, 
         return train, splits[found]
     if len(train) < 2:
         raise DataError(f"split {options.train_split!r} has {len(train)} rows: too few to carve a validation split")
-    carved = train.train_test_split(test_size=0.1, seed=options.seed, shuffle=True)  # as in the HF example
-    notes.append(f"no validation split: carved 10% of {options.train_split!r} with "
+    if not 0.0 < options.validation_fraction < 1.0:
+        raise DataError(f"validation_fraction must be in (0, 1), got {options.validation_fraction}")
+    carved = train.train_test_split(test_size=options.validation_fraction, seed=options.seed, shuffle=True)
+    notes.append(f"no validation split: carved {options.validation_fraction:.0%} of {options.train_split!r} with "
                  f"seed {options.seed} ({len(carved['train'])} train / {len(carved['test'])} eval)")
     return carved["train"], carved["test"]
 

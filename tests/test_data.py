@@ -377,6 +377,8 @@ def test_no_validation_split_is_carved_reproducibly_with_a_note(tmp_path):
     train, evaluation, info = data.load_splits(data.DataOptions(dataset_name=str(folder), seed=5))
     assert (len(train), len(evaluation)) == (18, 2)
     assert any("no validation split: carved 10%" in note and "seed 5" in note for note in info.notes)
+    half, other_half, _ = data.load_splits(data.DataOptions(dataset_name=str(folder), seed=5, validation_fraction=0.5))
+    assert (len(half), len(other_half)) == (10, 10)  # the script's --train_val_split
     _, again, _ = data.load_splits(data.DataOptions(dataset_name=str(folder), seed=5))
     assert evaluation["name"] == again["name"]
     assert not set(evaluation["name"]) & set(train["name"])

@@ -556,14 +556,12 @@ def crop_geometry(seed: int, epoch: int, index: int, image_hw: tuple[int, int], 
     region gives the crop of the whole scaled image, up to half a source pixel of rounding. A map laid over the
     image at another resolution (a (C, h', w') logit map) is cropped alike with the windows scaled by h'/H, w'/W.
     """
-    if min(seed, epoch, index) < 0:
-        raise ValueError(f"seed, epoch and index must be non-negative, got {seed}, {epoch}, {index}")
     if not hasattr(_TWISTER, "bits"):
         _TWISTER.bits = np.random.MT19937()
         _TWISTER.seeder = np.random.RandomState(_TWISTER.bits)  # its seed() is the classic MT19937 seeding
     # The numbers torch.rand / torch.randint drew from a torch.Generator seeded alike, at a third of the cost;
     # a uniform float32 is the low 24 bits of one output over 2**24.
-    state = np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(2, dtype=np.uint32)
+    state = np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(2, dtype=np.uint32)  # >= 0
     _TWISTER.seeder.seed(((int(state[0]) << 31) ^ int(state[1])) & 0xFFFFFFFF)
     draws = _TWISTER.bits.random_raw(4).tolist()
     unit_scale, unit_flip = ((bits & 0xFFFFFF) / 16777216 for bits in (draws[0], draws[3]))

@@ -1,12 +1,7 @@
-"""Procedural street scenes: the ``synthetic`` dataset preset, with no files and no network.
+"""Procedural street scenes, a pure function of (seed, index): the ``synthetic`` preset, no files, no network.
 
-Each scene is a pure function of (seed, index): sky, buildings, a road in perspective
-with sidewalks and verges, then trees, poles with signs, cars and people, far to near.
-``make_synthetic_splits`` wraps the renderer into lazily rendered ``datasets.Dataset``
-splits; ``data.load_splits(DataOptions(dataset="synthetic"))`` is the usual way in.
-
-This module knows nothing about the rest of the toolkit; the class names live with the
-other class tables in ``data.SYNTHETIC_CLASSES``, in the order of the ids below.
+``make_synthetic_splits`` wraps the renderer into lazily rendered ``datasets.Dataset`` splits; the usual way in is
+``data.load_splits(DataOptions(dataset="synthetic"))``. The class names are ``data.SYNTHETIC_CLASSES``.
 """
 
 from __future__ import annotations
@@ -73,11 +68,8 @@ class _Canvas:
 
 @dataclass(frozen=True)
 class _Street:
-    """The road's geometry per image row, from the horizon down.
-
-    Arrays are (H,): ``depth`` 0 at the horizon and 1 at the bottom, ``centre`` the
-    road's centre x, ``half`` its half width, ``walk`` the sidewalk width.
-    """
+    """The road per image row, (H,) arrays: ``depth`` 0 at the horizon and 1 at the bottom, ``centre`` the road's
+    centre x, ``half`` its half width, ``walk`` the sidewalk width."""
 
     horizon: float
     depth: np.ndarray
@@ -108,21 +100,13 @@ def _random_hue(rng: np.random.Generator, saturation: tuple[float, float], value
 
 
 def render_synthetic_scene(seed: int, index: int, height: int = 128, width: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one road scene; a pure function of its arguments.
+    """One road scene: image (H, W, 3) uint8 RGB, label (H, W) uint8 in ``SKY``..``SIGN`` (0..8) or 255.
 
-    Layout follows street scenes: sky above buildings of varied height (with
-    window grids), a road in perspective with lane markings, sidewalks and
-    grass verges beside it; cars on the road, people on the sidewalks, poles
-    at the kerb (often carrying a sign), trees on the verge. Objects grow
-    towards the bottom of the image and nearer ones occlude farther ones.
-    Colours are drawn per scene and per object (grey cars on grey roads,
-    overcast skies as grey as concrete) with smooth and per-pixel noise, so
-    colour alone does not give the class away. Car and person outlines are
-    marked 255 (ignore), like annotation edges in real data.
-
-    Returns:
-        image (H, W, 3) uint8 RGB, label (H, W) uint8 with values in
-        ``SKY``..``SIGN`` (0..8) or 255.
+    Sky above buildings (window grids), a road in perspective with lane markings, sidewalks and verges; cars on
+    the road, people on the sidewalks, poles (often with a sign) at the kerb, trees on the verge, nearer ones
+    larger and in front. Colours are drawn per scene and object (grey cars on grey roads, skies as grey as
+    concrete) with smooth and per-pixel noise, so colour alone does not give the class away. Car and person
+    outlines are 255 (ignored), like annotation edges in real data.
     """
     # The random draws happen in a fixed order (sky, buildings, road, objects, noise):
     # reordering them would change every scene of a given seed.
@@ -232,15 +216,9 @@ def _draw_objects(c: _Canvas, street: _Street, fine: np.ndarray) -> np.ndarray:
     objects.sort(key=lambda item: item[0])
 
     outlined = np.zeros((c.h, c.w), dtype=bool)  # cars and people: their edges become ignore
+    draw = {"tree": _draw_tree, "pole": _draw_pole, "car": _draw_car, "person": _draw_person}
     for base_y, kind in objects:
-        if kind == "tree":
-            _draw_tree(c, street, base_y, fine)
-        elif kind == "pole":
-            _draw_pole(c, street, base_y)
-        elif kind == "car":
-            _draw_car(c, street, base_y, outlined)
-        else:
-            _draw_person(c, street, base_y, outlined)
+        draw[kind](c, street, base_y, fine if kind == "tree" else outlined)
     return outlined
 
 
@@ -270,7 +248,7 @@ def _draw_tree(c: _Canvas, street: _Street, base_y: float, fine: np.ndarray) -> 
         c.paint(box, canopy, leaves, VEGETATION, grain=0.08)
 
 
-def _draw_pole(c: _Canvas, street: _Street, base_y: float) -> None:
+def _draw_pole(c: _Canvas, street: _Street, base_y: float, _unused: np.ndarray) -> None:
     """A pole at the kerb, often topped by a round, square or triangular sign."""
     rng, h, w = c.rng, c.h, c.w
     d = street.at_row(base_y)[0]
@@ -369,35 +347,23 @@ def _finish(c: _Canvas, outlined: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class SyntheticRenderer:
-    """``with_transform`` callable turning a batch of ``{"index": [...]}`` into scenes.
-
-    A class (not a closure) so DataLoader workers can pickle it under any start method.
-    """
+    """``with_transform`` callable turning a batch of ``{"index": [...]}`` into scenes (a class, not a closure,
+    so that DataLoader workers can pickle it under any start method)."""
 
     def __init__(self, seed: int, height: int, width: int):
         self.seed, self.height, self.width = int(seed), int(height), int(width)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         """Render the batch's scenes: ``{"index", "image" (H, W, 3) uint8, "label" (H, W) uint8}`` lists."""
-        images, labels = [], []
-        for index in batch["index"]:
-            image, label = render_synthetic_scene(self.seed, index, self.height, self.width)
-            images.append(image)
-            labels.append(label)
-        return {"index": list(batch["index"]), "image": images, "label": labels}
+        scenes = [render_synthetic_scene(self.seed, index, self.height, self.width) for index in batch["index"]]
+        return {"index": list(batch["index"]), "image": [s[0] for s in scenes], "label": [s[1] for s in scenes]}
 
 
 def make_synthetic_splits(num_train: int = 512, num_eval: int = 64, *, height: int = 128, width: int = 128,
                           seed: int = 0) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Train/eval ``datasets.Dataset`` of synthetic scenes, rendered lazily on access.
-
-    Train rows are indices 0..num_train-1, eval rows num_train..num_train+num_eval-1,
-    so the two never share a scene. Each row yields ``{"index", "image" (H, W, 3)
-    uint8, "label" (H, W) uint8}``.
-
-    Raises:
-        ValueError: a split would be empty, or scenes smaller than 16x16.
-    """
+    """Train/eval ``datasets.Dataset`` of scenes rendered on access, rows ``{"index", "image" (H, W, 3) uint8,
+    "label" (H, W) uint8}``: indices 0..num_train-1 and then num_eval more, so the splits share no scene.
+    ValueError for an empty split or scenes smaller than 16x16."""
     if num_train < 1 or num_eval < 1:
         raise ValueError(f"synthetic splits need at least one scene each, got {num_train} train / {num_eval} eval")
     if height < 16 or width < 16:

@@ -29,16 +29,16 @@ def test_synthetic_scenes_are_deterministic_and_cover_every_class():
     assert (len(train), len(evaluation)) == (512, 64) and info.num_labels == len(data.SYNTHETIC_CLASSES) >= 8
     assert info.crop_size == (128, 128) and info.default_student == "config:segformer-tiny"
     seen = np.zeros(info.num_labels, dtype=bool)
-    for i in range(24):
-        values = np.unique(train[i]["label"])
+    labels = [train[i]["label"] for i in range(24)]
+    for label in labels:
+        values = np.unique(label)
         seen[values[values != 255]] = True
         assert values.max() == 255 or values.max() < info.num_labels
     assert seen.all()
     # Spatial relations that make the classes' context meaningful.
     rows = np.arange(128)[:, None]
     sky_rows, road_rows = [], []
-    for i in range(8):
-        lab = train[i]["label"]
+    for lab in labels[:8]:
         sky_rows.append(np.broadcast_to(rows, lab.shape)[lab == synthetic.SKY].mean())
         road_rows.append(np.broadcast_to(rows, lab.shape)[lab == synthetic.ROAD].mean())
     assert np.mean(sky_rows) < 40 < 80 < np.mean(road_rows)

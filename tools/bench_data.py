@@ -16,13 +16,14 @@ folder, and prints per sample size:
 
 Per-item times are CPU times with one torch thread, as in a DataLoader worker (on a shared machine, wall
 times would charge other processes' load to whichever measurement it overlapped). The script also runs
-against the code before the uint8 pipeline (whose dataset builders took ``mean``/``std``), so one script
-measures both.
+against older code (dataset builders that took ``mean``/``std``, a ``DataInfo`` with more fields), so one
+script measures before and after.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import os
 import statistics
@@ -112,9 +113,13 @@ def hf_dataset(pairs: list[tuple[str, str]], rows: int) -> datasets.Dataset:
 
 def data_info(case: Case) -> data.DataInfo:
     id2label = dict(enumerate(case.classes))
-    return data.DataInfo(id2label=id2label, label2id={v: k for k, v in id2label.items()}, num_labels=len(id2label),
-                         ignore_index=255, image_column="image", label_column="label", crop_size=case.crop,
-                         label_mapping=case.label_mapping, label_transform=case.label_mapping)
+    # Older DataInfo versions (which the script also measures) stored label2id, num_labels and label_transform.
+    older = {"label2id": {v: k for k, v in id2label.items()}, "num_labels": len(id2label),
+             "label_transform": case.label_mapping}
+    accepted = {f.name for f in dataclasses.fields(data.DataInfo)}
+    return data.DataInfo(id2label=id2label, ignore_index=255, image_column="image", label_column="label",
+                         crop_size=case.crop, label_mapping=case.label_mapping,
+                         **{k: v for k, v in older.items() if k in accepted})
 
 
 def colour_args(builder) -> dict:

@@ -37,47 +37,17 @@ METRICS = {"mean_iou": ("Mean IoU", "mIoU"), "mean_accuracy": ("Mean Accuracy", 
 _TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}")
 _ABSOLUTE = re.compile(r"^(/|~|[A-Za-z]:[\\/]|\\\\)")
 
-# huggingface_hub's loaders retry for ~20 s on network errors, and its shared HTTP client has no timeout:
-# one request with this timeout and no retries is what the checks below make instead.
+# huggingface_hub's shared HTTP client has no timeout: the push check makes one request with this one instead.
 HUB_PROBE_TIMEOUT_S = 5.0
-# HubProbeError.kind: why a check failed.
-BAD_ID, OFFLINE, GATED, NOT_FOUND = "bad_id", "offline", "gated", "not_found"
-NO_REVISION, NO_FILE, NETWORK, NO_TOKEN, BAD_TOKEN = "no_revision", "no_file", "network", "no_token", "bad_token"
+OFFLINE, NETWORK, NO_TOKEN, BAD_TOKEN = "offline", "network", "no_token", "bad_token"  # HubProbeError.kind
 
 
 class HubProbeError(Exception):
-    """The Hub cannot serve a repo, a file or a push; ``kind`` says why, ``str(err)`` is a short reason."""
+    """The Hub cannot take a push; ``kind`` says why, ``str(err)`` is a short reason."""
 
     def __init__(self, kind: str, reason: str):
         super().__init__(reason)
         self.kind = kind
-
-
-def probe_hub_repo(repo_id: str, *, repo_type: str = "model", revision: str | None = None,
-                   filename: str | None = None) -> None:
-    """Check with one quick request that the Hub serves ``repo_id`` (``"model"`` or ``"dataset"``) and
-    ``filename`` in it; raise HubProbeError (``BAD_ID`` even offline; ``OFFLINE``: no request made)."""
-    try:
-        huggingface_hub.utils.validate_repo_id(repo_id)
-        if huggingface_hub.constants.HF_HUB_OFFLINE:
-            raise HubProbeError(OFFLINE, "HF_HUB_OFFLINE=1")
-        if filename is None:
-            huggingface_hub.HfApi().repo_info(repo_id, repo_type=repo_type, revision=revision,
-                                              timeout=HUB_PROBE_TIMEOUT_S)
-        else:
-            url = huggingface_hub.hf_hub_url(repo_id, filename, repo_type=repo_type, revision=revision)
-            huggingface_hub.get_hf_file_metadata(url, timeout=HUB_PROBE_TIMEOUT_S)
-    except HubProbeError:
-        raise
-    except Exception as err:  # the first matching class names the failure (a GatedRepoError is a NotFound too)
-        raise HubProbeError(*next((kind, reason) for cls, kind, reason in (
-            (hf_errors.HFValidationError, BAD_ID, f"not a valid Hub id: {err}"),
-            (hf_errors.GatedRepoError, GATED, "the repo is gated: accept its terms on the Hub and log in"),
-            (hf_errors.RepositoryNotFoundError, NOT_FOUND,
-             f"no such {'dataset repo' if repo_type == 'dataset' else 'repo'}, or it is private"),
-            (hf_errors.RevisionNotFoundError, NO_REVISION, f"revision {revision!r} does not exist"),
-            (hf_errors.EntryNotFoundError if filename else (), NO_FILE, f"the repo has no {filename}"),
-            (Exception, NETWORK, f"{type(err).__name__}: {err}")) if isinstance(err, cls))) from None
 
 
 def repo_id_problem(repo_id: str) -> str | None:

@@ -502,28 +502,6 @@ def test_repo_ids_are_validated_by_huggingface_hub_and_a_pasted_token_is_never_e
         assert "looks like a Hub access token (not shown)" in problem and FAKE_TOKEN not in problem
 
 
-@pytest.mark.parametrize("status, code, filename, kind", [
-    (404, "RepoNotFound", None, utils_hub.NOT_FOUND), (403, "GatedRepo", None, utils_hub.GATED),
-    (404, "RevisionNotFound", None, utils_hub.NO_REVISION), (404, "EntryNotFound", "config.json", utils_hub.NO_FILE),
-    (500, None, None, utils_hub.NETWORK)])
-def test_repo_probe_names_why_the_hub_cannot_serve_a_repo(fake_hub, status, code, filename, kind):
-    headers = {"X-Error-Code": code} if code else {}
-    fake_hub.answer = staticmethod(lambda request: httpx2.Response(status, headers=headers))
-    with pytest.raises(utils_hub.HubProbeError) as caught:
-        utils_hub.probe_hub_repo("someone/model", filename=filename)
-    assert caught.value.kind == kind
-    assert fake_hub.requests[0].extensions["timeout"]["read"] == utils_hub.HUB_PROBE_TIMEOUT_S
-
-
-def test_repo_probe_refuses_a_bad_id_even_offline_and_asks_nothing_offline():
-    with pytest.raises(utils_hub.HubProbeError) as caught:
-        utils_hub.probe_hub_repo("a/b/c", repo_type="dataset")
-    assert caught.value.kind == utils_hub.BAD_ID and str(caught.value).startswith("not a valid Hub id")
-    with pytest.raises(utils_hub.HubProbeError) as caught:
-        utils_hub.probe_hub_repo("someone/model")
-    assert caught.value.kind == utils_hub.OFFLINE
-
-
 @needs_camvid
 def test_push_uploads_the_model_processor_card_pictures_and_results_only(export, monkeypatch):
     from huggingface_hub.utils import filter_repo_objects

@@ -187,7 +187,7 @@ def test_the_folder_is_locked_until_release_and_a_forked_child_does_not_keep_it(
 
     acc = Accelerator(cpu=True)
     out = tmp_path / "out"
-    run = _run(acc, out)
+    _run(acc, out)
     assert subprocess.run([sys.executable, "-c", LOCKED, str(out)]).returncode == 3
     with pytest.raises(utils.OutputError, match=r"is in use by another run \(a live process holds its lock\)"):
         _run(acc, out)
@@ -204,7 +204,7 @@ def test_the_folder_is_locked_until_release_and_a_forked_child_does_not_keep_it(
 def test_an_export_lands_weights_last(tmp_path, monkeypatch):
     acc = Accelerator(cpu=True)
     out = tmp_path / "out"
-    run = _run(acc, out)
+    _run(acc, out)
     for name, text in (("config.json", "old"), ("model.safetensors", "old"), ("ics.png", "old")):
         (out / name).write_text(text)  # a previous export
     moves = []

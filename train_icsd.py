@@ -282,9 +282,7 @@ def run_settings(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     return json.loads(json.dumps(settings))  # tuples as lists, as a reread run.json holds them
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The objective of each --distill mode
-# ---------------------------------------------------------------------------------------------------------
+# --- The objective of each --distill mode
 def step_losses(args: argparse.Namespace, s_logits: torch.Tensor, t_logits: torch.Tensor | None,
                 labels: torch.Tensor, ignore_index: int, alpha: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The training loss of ``--distill`` and its terms for logging, named as in :data:`LOSS_TERMS`.
@@ -314,9 +312,7 @@ def step_losses(args: argparse.Namespace, s_logits: torch.Tensor, t_logits: torc
     return ce + weight * term, {"ce": ce.detach(), mode: (weight * term).detach(), f"raw_{mode}": term.detach()}
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Evaluation: a confusion matrix on the device, summed over processes
-# ---------------------------------------------------------------------------------------------------------
+# --- Evaluation: a confusion matrix on the device, summed over processes
 @torch.no_grad()
 def predict_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], adapter: Callable) -> list[torch.Tensor]:
     """Argmax predictions at each label's full resolution, undoing eval padding and resizing."""
@@ -399,9 +395,7 @@ def picture_rows(accelerator: Accelerator, roles: dict[str, tuple[torch.nn.Modul
     return rows
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The pieces main() puts together
-# ---------------------------------------------------------------------------------------------------------
+# --- The pieces main() puts together
 def check_classes(args: argparse.Namespace, info: data.DataInfo) -> None:
     """One class cannot be segmented (every loss 0, mIoU 100%); with two, the row-normalised ICS matrix is always
     [[0, 1], [1, 0]], so ICSD would be identically 0: refuse what would train silently wrong."""
@@ -667,9 +661,7 @@ def save_card(args, accelerator: Accelerator, student, nets, loaders, eval_hf, i
     accelerator.wait_for_everyone()
 
 
-# ---------------------------------------------------------------------------------------------------------
-# main
-# ---------------------------------------------------------------------------------------------------------
+# --- main
 def main(argv: Sequence[str] | None = None) -> dict:
     """Train (and distil) the student as the flags say; return the final metrics (``all_results.json``)."""
     args = parse_args(argv)

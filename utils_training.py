@@ -785,13 +785,15 @@ def checkpoint_problem(path: Path, accelerator: Accelerator) -> tuple[str, str] 
             return "damaged", f"{STATE_FILE} lacks the step counters"
     except (OSError, ValueError, AttributeError) as err:
         return "damaged", f"{STATE_FILE}: {_read_problem(err)[1]}"
+    sharded = any(path.glob("*_fsdp*")) or any(path.glob("optimizer_*"))  # FSDP's own layout: not checked here
     try:
-        with safe_open(str(path / "model.safetensors"), framework="pt"):
-            pass
+        if not sharded:
+            with safe_open(str(path / "model.safetensors"), framework="pt"):
+                pass
     except Exception as err:  # missing, or a header that promises more bytes than the file holds
         return "damaged", f"model.safetensors: {_read_problem(err)[1]}"
     rng = f"random_states_{accelerator.process_index}.pkl"
-    for name in ("optimizer.bin", rng):
+    for name in ([] if sharded else ["optimizer.bin"]) + [rng]:
         if name == rng and not (path / name).is_file() and accelerator.process_index >= saved.get("num_processes", 1):
             logger.warning(f"{path} was saved by {plural(saved.get('num_processes', 1), 'process')}: process "
                            f"{accelerator.process_index} starts its random generators from the seed",

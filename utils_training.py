@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -216,14 +217,12 @@ def _watch_launcher(parent: int) -> None:
 
 
 # --- The loss terms between optimizer steps, and the decision all processes take from them
-@dataclass
-class StepOutcome:
-    """What all processes agreed on at the end of an optimizer step: the first non-finite term (or None),
-    whether any was asked to stop, and the undecodable samples met since the last step."""
+class StepOutcome(NamedTuple):
+    """What all processes agreed on at the end of an optimizer step."""
 
-    nonfinite_term: str | None
-    stop: bool
-    skipped_samples: int
+    nonfinite_term: str | None  # the first non-finite logged term, None if all were finite
+    stop: bool  # some process was asked to stop
+    skipped_samples: int  # undecodable samples met since the last step
 
 
 class LossTracker:
@@ -247,16 +246,14 @@ class LossTracker:
 
     def end_step(self, accelerator: Accelerator, stop: bool) -> StepOutcome:
         """Agree with every process on non-finite terms, stop requests and skipped samples; reset the flags."""
-        flags = torch.tensor([0.0, float(stop), float(self.pending_skipped)], device=accelerator.device)
-        flags[0] = self.nonfinite.any().float()
+        flags = torch.stack([self.nonfinite.any().float(), torch.tensor(float(stop), device=accelerator.device),
+                             torch.tensor(float(self.pending_skipped), device=accelerator.device)])
         any_nonfinite, any_stop, skipped = accelerator.reduce(flags, reduction="sum").tolist()
-        term = None
-        if any_nonfinite:
-            bad = [k for k, flag in zip(self.keys, self.nonfinite.tolist()) if flag]
-            term = next((k for k in bad if k != "loss"), bad[0] if bad else "on another process")
+        bad = [k for k, flag in zip(self.keys, self.nonfinite.tolist()) if flag]
+        term = next((k for k in bad if k != "loss"), bad[0] if bad else "on another process") if any_nonfinite else None
         self.nonfinite.zero_()
         self.pending_skipped = 0
-        return StepOutcome(nonfinite_term=term, stop=bool(any_stop), skipped_samples=int(skipped))
+        return StepOutcome(term, bool(any_stop), int(skipped))
 
     def averages(self, accelerator: Accelerator) -> dict[str, float]:
         """``{"train/<key>": mean}`` over the batches since the last call and all processes; resets."""
@@ -317,12 +314,8 @@ def format_metrics(metrics: dict, prefix: str = "") -> str:
 
 def format_duration(seconds: float) -> str:
     """``42s``, ``7m05s``, ``2h03m``."""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    s = int(round(seconds))
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def format_train_log(step: int, total: int, logs: dict, elapsed: float, steps_timed: int) -> str:
@@ -535,16 +528,6 @@ def _finish_interrupted_writes(out: Path) -> None:
     if (out / EXPORT_READY).is_dir():
         logger.warning(f"{out}: finishing the export that an interrupted run was moving into place")
         _move_export(out / EXPORT_READY, out)
-
-
-def write_json(path: Path, obj: object) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically (a temporary file, then a rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # --- Writes that fail (a full disk, a quota, a read-only folder): one line on every process
@@ -861,8 +844,9 @@ def resume_or_start(accelerator: Accelerator, run: Run, resume: str | None, sche
     run.run_id = run.run_id or uuid.uuid4().hex
     error = None
     if accelerator.is_main_process:
-        try:
-            write_json(run.output_dir / RUN_FILE, run.record())
+        try:  # atomically: a temporary file, then a rename
+            (run.output_dir / f".{RUN_FILE}.tmp").write_text(json.dumps(run.record(), indent=2))
+            os.replace(run.output_dir / f".{RUN_FILE}.tmp", run.output_dir / RUN_FILE)
         except OSError as err:
             error = err
     after_write(accelerator, error, f"the run's record ({RUN_FILE})", run.output_dir, 2**16)

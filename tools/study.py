@@ -65,6 +65,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--extra", default="", help="Extra train_icsd.py flags for the student runs (quoted).")
     p.add_argument("--with_tracking", action="store_true", help="Log the figures to the trackers too.")
     p.add_argument("--quick", action="store_true", help="Tiny models, steps and data: a CPU smoke run.")
+    p.add_argument("--carve", type=float, default=None,
+                   help="Hold out this share of the training split (with --carve_seed) once, in OUTPUT/data: every "
+                        "run trains on the rest; --eval_on picks the carve or the validation split.")
+    p.add_argument("--carve_seed", type=int, default=0)
+    p.add_argument("--eval_on", choices=("validation", "carve"), default="validation")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=METHOD[:FLAGS]",
+                   help="A student run per seed named NAME: --distill METHOD plus FLAGS (e.g. "
+                        "'kd_t4=kd:--temperature 4'); replaces --methods when given.")
     args = p.parse_args(argv)
     if args.quick:
         args.teacher, args.student = "config:segformer-b0", "config:segformer-tiny"
@@ -78,6 +86,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------------
 # Runs
 # ---------------------------------------------------------------------------------------------------------
+def parse_variant(text: str) -> tuple[str, tuple[str, list[str]]]:
+    """``"kd_t4=kd:--temperature 4"`` -> ``("kd_t4", ("kd", ["--temperature", "4"]))``."""
+    name, _, rest = text.partition("=")
+    method, _, flags = (rest or name).partition(":")
+    if method not in METHODS or not name:
+        raise SystemExit(f"study.py: error: --variant {text!r}: want NAME=METHOD[:FLAGS] with METHOD in {METHODS}")
+    return name, (method, shlex.split(flags))
+
+
+def carve_dataset(args: argparse.Namespace, out: Path) -> Path:
+    """``out/data``: the training split less a held-out share (``carve``), and the validation split, as parquet
+    with the dataset's id2label.json; written once (the row indices of the carve go into carve.json)."""
+    import datasets
+
+    folder = out / "data"
+    if (folder / "carve.json").is_file():
+        return folder
+    source = Path(args.data)
+    splits = datasets.load_dataset(str(source))
+    train = splits["train"].add_column("source_row", list(range(len(splits["train"]))))
+    parts = train.train_test_split(test_size=args.carve, seed=args.carve_seed, shuffle=True)
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    for name, split in (("train", parts["train"]), ("carve", parts["test"]), ("validation", splits["validation"])):
+        split.to_parquet(str(folder / "data" / f"{name}-00000-of-00001.parquet"))
+    for extra in ("id2label.json", "README.md"):  # the classes, and the dataset's licence and source
+        if (source / extra).is_file():
+            (folder / extra).write_bytes((source / extra).read_bytes())
+    (folder / "carve.json").write_text(json.dumps({
+        "fraction": args.carve, "seed": args.carve_seed, "train_rows": len(parts["train"]),
+        "carve_rows": sorted(parts["test"]["source_row"]), "how": "datasets.Dataset.train_test_split"}, indent=2))
+    return folder
+
+
 def run_training(args: argparse.Namespace, out: Path, flags: list[str], log: Path) -> dict:
     """One `accelerate launch train_icsd.py` run; skipped when its results already exist."""
     results = out / "all_results.json"
@@ -88,7 +129,7 @@ def run_training(args: argparse.Namespace, out: Path, flags: list[str], log: Pat
                 "--mixed_precision", args.mixed_precision, "--num_processes", str(args.num_processes)]
     if args.num_processes > 1:
         launcher.append("--multi_gpu")
-    common = ["--dataset_name", args.data, "--crop_size", *map(str, args.crop),
+    common = ["--dataset_name", args.data, "--validation_split", args.eval_on, "--crop_size", *map(str, args.crop),
               "--per_device_train_batch_size", str(args.batch_size), "--per_device_eval_batch_size", "4",
               "--learning_rate", str(args.learning_rate), "--num_warmup_steps", str(args.warmup),
               "--dataloader_num_workers", str(args.workers), "--output_dir", str(out), "--logging_steps", "50",
@@ -140,7 +181,7 @@ def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
 
 
 # (better, worse): each pair's per-seed difference is reported when both methods ran.
-PAIRS = (("aicsd", "kd"), ("kd", "none"), ("aicsd", "none"), ("icsd", "kd"))
+PAIRS = (("aicsd", "kd"), ("kd", "none"), ("aicsd", "none"), ("icsd", "kd"), ("aicsd", "aicsd_live"))
 
 
 def paired_differences(runs: dict[str, list[dict]], seeds: Sequence[int],
@@ -180,24 +221,37 @@ def ordering_verdict(runs: dict[str, list[dict]], seeds: Sequence[int], key: str
             f"points).")
 
 
+def gap_closed(table: dict[str, dict], teacher: dict) -> dict[str, float]:
+    """The share of the teacher - student-alone mIoU gap each distilled method closes (mean over seeds)."""
+    if "none" not in table:
+        return {}
+    alone, top = table["none"]["eval_mean_iou"]["mean"], 100 * teacher["eval_mean_iou"]
+    return {m: (row["eval_mean_iou"]["mean"] - alone) / (top - alone) for m, row in table.items()
+            if m != "none" and top != alone}
+
+
 def markdown(table: dict[str, dict], teacher: dict, args: argparse.Namespace, device: str, minutes: float,
              paired: dict[str, dict] | None = None, verdict: str | None = None,
              class_names: Sequence[str] | None = None) -> str:
     names = {"none": "student alone", "kd": "+ KD", "cwd": "+ CWD", "ickd": "+ ICKD", "icsd": "+ ICSD + KD (fixed)",
              "aicsd": "+ AICSD (ICSD + KD, ALW)"}
-    lines = [f"CamVid validation (101 images unless --max_eval_samples), {args.steps} student steps, "
+    lines = [f"CamVid {args.eval_on} split ({'held out of train, ' if args.eval_on == 'carve' else ''}"
+             f"{'all its images' if args.max_eval_samples is None else f'first {args.max_eval_samples} images'}), "
+             f"{args.steps} student steps, "
              f"seeds {args.seeds}, crop {args.crop[0]}x{args.crop[1]}, batch {args.batch_size}, "
              f"teacher {teacher_description(args)}, student `{args.student}`; {device}; "
              f"{minutes:.1f} min of student training in all (sum of the runs' train_runtime_s).", "",
-             "| method | mIoU (%) | pixel acc (%) | mean acc (%) |", "|---|---|---|---|",
+             "| method | mIoU (%) | pixel acc (%) | mean acc (%) | teacher-student gap closed |", "|---|---|---|---|---|",
              f"| teacher | {100 * teacher['eval_mean_iou']:.2f} | {100 * teacher['eval_overall_accuracy']:.2f} | "
-             f"{100 * teacher['eval_mean_accuracy']:.2f} |"]
+             f"{100 * teacher['eval_mean_accuracy']:.2f} | |"]
+    gaps = gap_closed(table, teacher)
     for method, row in table.items():
         cells = [f"{row[k]['mean']:.2f} ± {row[k]['std']:.2f}"
                  for k in ("eval_mean_iou", "eval_overall_accuracy", "eval_mean_accuracy")]
-        lines.append(f"| {names[method]} | " + " | ".join(cells) + " |")
+        cells.append(f"{100 * gaps[method]:+.0f}%" if method in gaps else "")
+        lines.append(f"| {names.get(method, method)} | " + " | ".join(cells) + " |")
     if paired:
-        short = {"none": "alone", "kd": "KD", "aicsd": "AICSD", "icsd": "ICSD+KD"}
+        short = {"none": "alone", "kd": "KD", "aicsd": "AICSD", "icsd": "ICSD+KD", "aicsd_live": "AICSD (live)"}
         lines += ["", "Paired mIoU differences (percentage points; same seed, same data order):", "",
                   "| difference | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean ± std | > 0 in |",
                   "|---|" + "---|" * (len(args.seeds) + 2)]
@@ -286,7 +340,8 @@ def figures(args: argparse.Namespace, teacher_dir: Path, students: dict[str, Pat
     import losses
     import models
 
-    _, eval_hf, info = data.load_splits(data.DataOptions(dataset_name=args.data, max_eval_samples=args.max_eval_samples))
+    _, eval_hf, info = data.load_splits(data.DataOptions(dataset_name=args.data, validation_split=args.eval_on,
+                                                         max_eval_samples=args.max_eval_samples))
     # Spread the images over the split: consecutive video frames would show the same scene.
     eval_hf = eval_hf.select(np.linspace(0, len(eval_hf) - 1, min(n_images, len(eval_hf))).round().astype(int).tolist())
     nets = {"teacher": teacher_dir, **students}
@@ -341,6 +396,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "study.log"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    if args.carve:
+        args.data = str(carve_dataset(args, out))
+    variants = dict(parse_variant(v) for v in args.variant) or {m: (m, []) for m in args.methods}
 
     teacher_dir = Path(args.teacher_path) if args.teacher_path else out / "teacher"
     if args.teacher_path is None:
@@ -351,18 +409,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
         teacher = None
 
     runs: dict[str, list[dict]] = {}
-    for method in args.methods:
+    for name, (method, extra) in variants.items():
         for seed in args.seeds:
-            print(f"== {method}, seed {seed}, {args.steps} steps")
+            print(f"== {name}, seed {seed}, {args.steps} steps")
             flags = ["--distill", method, "--student_model_name_or_path", args.student,
                      "--max_train_steps", str(args.steps), "--seed", str(seed), "--alw_granularity", "step"]
             if method != "none":
                 flags += ["--teacher_model_name_or_path", str(teacher_dir)]
             if teacher is None and method != "none":
                 flags.append("--eval_teacher")
-            flags += shlex.split(args.extra)
-            result = run_training(args, out / f"{method}-seed{seed}", flags, log)
-            runs.setdefault(method, []).append(result)
+            flags += shlex.split(args.extra) + extra
+            result = run_training(args, out / f"{name}-seed{seed}", flags, log)
+            runs.setdefault(name, []).append({**result, "variant": name, "seed": seed, "flags": flags})
             if teacher is None and "teacher_eval_mean_iou" in result:
                 teacher = {k[len("teacher_"):]: v for k, v in result.items() if k.startswith("teacher_")}
     if teacher is None:
@@ -377,10 +435,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(json.dumps({"device": device, "args": vars(args), "teacher": teacher,
                                                   "summary": table, "paired": paired, "verdict": verdict,
-                                                  "runs": runs}, indent=2))
+                                                  "gap_closed": gap_closed(table, teacher), "runs": runs}, indent=2))
     chart = bar_chart(table, 100 * teacher["eval_mean_iou"])
     chart.save(out / "miou.png")
-    students = {f"student {m}": out / f"{m}-seed{args.seeds[0]}" for m in ("none", "aicsd") if m in args.methods}
+    students = {f"student {m}": out / f"{m}-seed{args.seeds[0]}" for m in ("none", "aicsd") if m in runs}
     images = figures(args, teacher_dir, students, out)
     if args.with_tracking:
         from accelerate import Accelerator

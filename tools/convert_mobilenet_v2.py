@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from transformers import (MobileNetV2Config, MobileNetV2ForImageClassification, MobileNetV2ForSemanticSegmentation,
                           MobileNetV2ImageProcessorPil, PreTrainedModel)
+from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import IMAGENET_MEAN, IMAGENET_STD, normalize_id2label  # noqa: E402
@@ -109,13 +110,16 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise ConversionError(f"--weights {path}: no such file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), type(err).__name__)
-        raise ConversionError(f"--weights {path} holds Python objects or code besides tensors, which "
-                              f"torch.load(weights_only=True) refuses to unpickle ({detail}): convert only a plain "
-                              "state dict from a source you trust") from None
-    except (RuntimeError, KeyError, EOFError, ValueError, OSError) as err:
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except (pickle.UnpicklingError, RuntimeError, KeyError, EOFError, ValueError, OSError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        # weights_only names the class or function a pickle wants to call as a GLOBAL; it refuses any
+        # other byte it cannot read with "Weights only load failed" as well, then it is simply no checkpoint.
+        code = next((line for line in lines if "GLOBAL" in line), None)
+        if code:
+            raise ConversionError(f"--weights {path} holds Python objects or code besides tensors, which "
+                                  f"torch.load(weights_only=True) refuses to unpickle ({code}): convert only a "
+                                  "plain state dict from a source you trust") from None
+        detail = next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else repr(err))
         raise ConversionError(f"--weights {path} is not a readable PyTorch checkpoint ({detail[:150]}): pass "
                               f"torchvision's {CHECKPOINT}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -228,14 +232,19 @@ batch, so training replaces the ImageNet running statistics with those of the la
 """
 
 
-def write_folder(model: PreTrainedModel, output_dir: Path, card: str, *, overwrite: bool) -> None:
-    """Write model, processor and card to ``output_dir`` through a staging folder beside it, so that a failure
-    leaves no half-written folder; ``overwrite`` replaces only the files this tool writes (:data:`WRITTEN`)."""
+def check_output_dir(output_dir: Path, *, overwrite: bool) -> None:
+    """:class:`ConversionError` unless ``output_dir`` is new, empty, or (with ``overwrite``) a folder."""
     if output_dir.exists() and not output_dir.is_dir():
         raise ConversionError(f"--output_dir {output_dir} is a file: pass a folder")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise ConversionError(f"--output_dir {output_dir} is not empty: pass another folder, or --overwrite to "
                               f"replace {', '.join(WRITTEN)} in it")
+
+
+def write_folder(model: PreTrainedModel, output_dir: Path, card: str, *, overwrite: bool) -> None:
+    """Write model, processor and card to ``output_dir`` through a staging folder beside it, so that a failure
+    leaves no half-written folder; ``overwrite`` replaces only the files this tool writes (:data:`WRITTEN`)."""
+    check_output_dir(output_dir, overwrite=overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
@@ -284,7 +293,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Convert; bad input is one line ``convert_mobilenet_v2.py: error: ...`` and exit status 2."""
     args = parse_args(argv)
+    hf_logging.disable_progress_bar()  # a bar for writing one 10 MB file is noise
     try:
+        check_output_dir(args.output_dir, overwrite=args.overwrite)  # before the conversion's seconds
         id2label = read_id2label(args.id2label)
         state = load_checkpoint(args.weights)
         check_state_dict(state, str(args.weights))

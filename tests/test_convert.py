@@ -181,7 +181,7 @@ def camvid_frames(indices: tuple[int, ...]) -> list[Image.Image]:
 def test_imagenet_top5_on_camvid_frames_are_street_classes(state, folder):
     """Weights, BatchNorm eps and preprocessing together: four CamVid frames (short side 256, centre 224, then
     the converted folder's own processor) get only street-scene classes in their top-5, streetcar or traffic
-    light first. With eps 1e-3 (transformers' default) the top-5 are ~20 unrelated classes. Channel order is
+    light first. With eps 1e-3 (transformers' default) each top-5 held at most one of these classes. Channel order is
     checked by the processor test below: ImageNet models barely tell RGB from BGR on these frames."""
     processor = cmv.MobileNetV2ImageProcessorPil.from_pretrained(folder)
     classifier = cmv.convert(state, cmv.make_config({i: str(i) for i in range(1000)}, 32), classification=True)

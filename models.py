@@ -226,8 +226,14 @@ def load_teacher(name_or_path: str, id2label: dict[int, str], *, trust_remote_co
 
 def load_student(name_or_path: str, id2label: dict[int, str], *, trust_remote_code: bool = False,
                  revision: str | None = None) -> PreTrainedModel:
-    """:func:`load_model` with ``role="student"``."""
-    return load_model(name_or_path, id2label, role="student", trust_remote_code=trust_remote_code, revision=revision)
+    """:func:`load_model` with ``role="student"``. A MobileNetV2's BatchNorm momentum is set to 0.1, torchvision's:
+    transformers ports TensorFlow's decay 0.997 as PyTorch's momentum, the weight of the *new* batch, so its running
+    statistics (and evaluation) would follow the last training batch alone."""
+    model = load_model(name_or_path, id2label, role="student", trust_remote_code=trust_remote_code, revision=revision)
+    for module in model.modules() if model.config.model_type == "mobilenet_v2" else ():
+        if isinstance(module, nn.BatchNorm2d) and module.momentum == 0.997:
+            module.momentum = 0.1
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

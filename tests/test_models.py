@@ -353,3 +353,20 @@ def test_one_sample_training_error_names_batchnorm_after_pooling_and_changes_not
     # No BatchNorm (SegFormer uses LayerNorm; its decode head's BatchNorm sees many pixels): trains at batch 1.
     assert models.one_sample_training_error(models.load_model("config:segformer-tiny", CLASSES_5, role="student"),
                                             32) is None
+
+
+def test_a_mobilenet_v2_students_batchnorm_keeps_its_running_statistics():
+    # transformers' MobileNetV2 sets momentum 0.997 (TensorFlow's decay, PyTorch's new-batch weight): one training
+    # batch would replace the running statistics. The student's BatchNorms weigh the new batch 0.1, as torchvision.
+    student = models.load_student("config:deeplabv3-mobilenetv2", {0: "a", 1: "b", 2: "c"})
+    norms = [m for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.momentum == 0.1 for m in norms)
+    first, seen = norms[0], []
+    first.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].mean(dim=(0, 2, 3))))
+    before = first.running_mean.clone()
+    student.train()
+    with torch.no_grad():
+        models.segmentation_logits(student, torch.randn(2, 3, 33, 33) * 5)
+    assert torch.allclose(first.running_mean, 0.9 * before + 0.1 * seen[0], atol=1e-6)
+    segformer = models.load_student("config:segformer-tiny", {0: "a", 1: "b"})  # other models are left as they are
+    assert all(m.momentum == 0.1 for m in segformer.modules() if isinstance(m, torch.nn.BatchNorm2d))

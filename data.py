@@ -418,11 +418,11 @@ def _check_parquet_files(folder: Path) -> None:
         try:
             rows = pq.ParquetFile(file).metadata.num_rows
         except (pa.ArrowException, OSError) as err:
-            raise DataError(f"dataset file {file} cannot be read as parquet ({err}): it is truncated or not a parquet "
-                            "file; write or download it again") from None
+            raise DataError(f"dataset file {file} cannot be read as parquet ({err}): write or download it again"
+                            ) from None
         if rows == 0:
-            raise DataError(f"dataset file {file} has no rows: fill or remove it, or pick other splits with "
-                            "--train_split / --validation_split")
+            raise DataError(f"dataset {str(folder)!r} has an empty split or file: {file} has no rows; fill or remove "
+                            "it, or pick other splits with --train_split / --validation_split")
 
 
 def _image_mask_splits(root: Path) -> datasets.DatasetDict | None:

@@ -23,6 +23,7 @@ import datasets
 import huggingface_hub
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -33,6 +34,11 @@ IMAGE_COLUMN_CANDIDATES = ("image", "pixel_values", "img")
 LABEL_COLUMN_CANDIDATES = ("label", "mask", "annotation", "semantic_segmentation", "segmentation", "gt")
 NAME_COLUMN_CANDIDATES = ("name", "filename", "file_name", "image_id", "id", "path")
 VALIDATION_SPLIT_CANDIDATES = ("validation", "val", "valid", "test")
+# Image/mask folders (README "Your own data"): the folder names, the files each holds, how a mask's name may end.
+IMAGE_FOLDERS, MASK_FOLDERS = ("images", "img_dir"), ("masks", "annotations", "ann_dir")
+IMAGE_SUFFIXES, MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"), (".png", ".bmp", ".tif", ".tiff")
+MASK_STEM_ENDINGS = ("", "_mask", "_label", "_gt")
+SPLIT_FOLDER_NAMES = {"training": "train"}  # ADE20K's ADEChallengeData2016/images/training
 
 # Label mappings a preset or flag can ask for.
 LABELS_IDENTITY = "identity"
@@ -375,6 +381,13 @@ def _load_dataset(path: str, config_name: str | None, hub_kwargs: dict[str, str]
         if not local.is_dir():
             raise DataError(f"dataset folder {path!r} does not exist (or is a file): check the path")
         path = str(local)
+        folders = _image_mask_splits(local)
+        if folders is not None and config_name is not None:
+            raise DataError(f"{path!r} is a folder of images and masks, which has no configurations: drop "
+                            "--dataset_config_name")
+        if folders is not None:
+            return folders
+        _check_parquet_files(local)
     try:
         return datasets.load_dataset(path, config_name, **hub_kwargs)
     except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:  # offline and not cached, no network,
@@ -394,6 +407,75 @@ def _load_dataset(path: str, config_name: str | None, hub_kwargs: dict[str, str]
         raise DataError(f"dataset {path!r} is a loading script, which datasets {datasets.__version__} cannot run: "
                         "use a parquet copy (many script datasets have one at revision 'refs/convert/parquet') or "
                         "a local folder") from None
+
+
+def _check_parquet_files(folder: Path) -> None:
+    """A :class:`DataError` naming the first parquet file in ``folder`` that pyarrow cannot open (truncated, not
+    parquet) or that has no rows: datasets fails on each in a traceback that does not name the file."""
+    for file in sorted(folder.rglob("*.parquet")):
+        if any(part.startswith(".") for part in file.relative_to(folder).parts):  # datasets skips hidden paths too
+            continue
+        try:
+            rows = pq.ParquetFile(file).metadata.num_rows
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f"dataset file {file} cannot be read as parquet ({err}): write or download it again"
+                            ) from None
+        if rows == 0:
+            raise DataError(f"dataset {str(folder)!r} has an empty split or file: {file} has no rows; fill or remove "
+                            "it, or pick other splits with --train_split / --validation_split")
+
+
+def _image_mask_splits(root: Path) -> datasets.DatasetDict | None:
+    """The splits of an image/mask folder (README "Your own data": ``images/ + masks/``, ``img_dir/ + ann_dir/``
+    or ``images/ + annotations/``, each with or without split folders inside, or ``SPLIT/{images,masks}``), with
+    ``image`` and ``label`` columns of file paths and ``name`` (the path below the split without its suffix), as
+    undecoded as a Hub dataset's; None for any other folder."""
+    def pair_in(folder: Path) -> tuple[Path, Path] | None:
+        found = [next((folder / n for n in names if (folder / n).is_dir()), None) for names in (IMAGE_FOLDERS,
+                                                                                                 MASK_FOLDERS)]
+        return (found[0], found[1]) if all(found) else None
+
+    if (pair := pair_in(root)) is None:
+        splits = {p.name: pair_in(p) for p in sorted(root.iterdir()) if p.is_dir() and pair_in(p)}
+    else:  # split folders inside the image folder, unless it holds images itself
+        inner = sorted(p.name for p in pair[0].iterdir() if p.is_dir() and not p.name.startswith("."))
+        flat = not inner or any(p.suffix.lower() in IMAGE_SUFFIXES for p in pair[0].iterdir())
+        splits = {"train": pair} if flat else {name: (pair[0] / name, pair[1] / name) for name in inner}
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image(), 
+                                  "name": datasets.Value("string")})
+    return datasets.DatasetDict({SPLIT_FOLDER_NAMES.get(name, name): datasets.Dataset.from_dict(
+        _pair_files(*folders), features=features, split=SPLIT_FOLDER_NAMES.get(name, name))
+        for name, folders in splits.items()}) if splits else None
+
+
+def _pair_files(image_dir: Path, mask_dir: Path) -> dict[str, list[str]]:
+    """``{"image", "label", "name"}``: the images below ``image_dir`` and their masks below ``mask_dir``, paired by
+    the path below each without the suffix (a mask's may end in one of ``MASK_STEM_ENDINGS``); a file left without
+    a partner (one of two images of one name too) is a :class:`DataError` naming the first few."""
+    def files(folder: Path, suffixes: tuple[str, ...]) -> list[tuple[str, Path]]:
+        return [(p.relative_to(folder).with_suffix("").as_posix(), p) for p in sorted(folder.rglob("*"))
+                if p.suffix.lower() in suffixes and not any(s.startswith(".") for s in p.relative_to(folder).parts)]
+
+    masks: dict[str, list[Path]] = {}
+    for key, path in files(mask_dir, MASK_SUFFIXES):
+        masks.setdefault(key, []).append(path)
+    pairs, lonely = [], []
+    for key, image in files(image_dir, IMAGE_SUFFIXES):
+        mask = next((masks[key + end].pop(0) for end in MASK_STEM_ENDINGS if masks.get(key + end)), None)
+        if mask is None:
+            lonely.append(image)
+        else:
+            pairs.append((str(image), str(mask), key))
+    for unpaired, folder, other, what in ((lonely, image_dir, mask_dir, "images without a mask"),
+                                          (sum(masks.values(), []), mask_dir, image_dir, "masks without an image")):
+        if unpaired:
+            shown = ", ".join(str(p.relative_to(folder)) for p in unpaired[:3]) + ", ..." * (len(unpaired) > 3)
+            raise DataError(f"{folder} holds {what} in {other}: {len(unpaired)} ({shown}); images and masks pair by "
+                            f"name (a mask's may end in {', '.join(MASK_STEM_ENDINGS[1:])}), masks as "
+                            f"{', '.join(MASK_SUFFIXES)}")
+    if not pairs:
+        raise DataError(f"{image_dir} holds no images ({', '.join(IMAGE_SUFFIXES)}) with masks in {mask_dir}")
+    return dict(zip(("image", "label", "name"), map(list, zip(*pairs))))
 
 
 def _pick_splits(splits: datasets.DatasetDict, options: DataOptions, path: str, notes: list[str]
@@ -434,6 +516,11 @@ def _pick_columns(train: datasets.Dataset, evaluation: datasets.Dataset, options
                             f"pass {flag} NAME")
     if picked[0] == picked[1]:
         raise DataError(f"image and label column are both {picked[0]!r}: pass --image_column/--label_column")
+    if isinstance(train.features[picked[1]], datasets.ClassLabel):  # what datasets makes of most image folders
+        raise DataError(f"the dataset reads as image classification: its {picked[1]!r} column is a ClassLabel "
+                        f"{train.features[picked[1]].names[:5]} (folder names), not masks; lay a folder out as "
+                        "images/ + masks/, img_dir/ + ann_dir/ or images/ + annotations/ (each with or without "
+                        "{train,val}/ inside), or {train,val}/{images,masks} (README: Your own data)")
     missing = [c for c in picked if c not in evaluation.column_names]
     if missing:
         raise DataError(f"evaluation split lacks columns {missing}; it has {evaluation.column_names}")
@@ -458,10 +545,17 @@ def _pick_classes(options: DataOptions, preset: DatasetPreset | None, path: str,
         notes.append(f"classes from the {preset.name} preset")
         return preset.id2label
     try:
-        id2label = {int(k): str(v) for k, v in json.loads(Path(source).read_text(encoding="utf-8")).items()}
+        id2label = {int(k): v for k, v in json.loads(Path(source).read_text(encoding="utf-8")).items()}
     except (OSError, ValueError, AttributeError) as err:  # missing, not JSON, not an object, keys not integers
         raise DataError(f"id2label file {str(source)!r} cannot be read as {{\"0\": \"name\", ...}} "
                         f"({type(err).__name__}: {err}): check the --id2label path and file") from None
+    names = list(id2label.values())
+    if not all(isinstance(name, str) for name in names):  # e.g. {"name": "sky"}, which would become a name
+        raise DataError(f"id2label file {str(source)!r}: class names must be strings, got "
+                        f"{next(n for n in names if not isinstance(n, str))!r}")
+    if len(set(names)) < len(names):  # label2id would lose classes
+        raise DataError(f"id2label file {str(source)!r} names {sorted({n for n in names if names.count(n) > 1})} "
+                        "more than once: each class needs its own name")
     if not id2label or sorted(id2label) != list(range(len(id2label))):
         raise DataError(f"id2label file {str(source)!r} keys must be 0..{len(id2label) - 1} without gaps, got "
                         f"{sorted(id2label)[:20]}")

@@ -405,7 +405,7 @@ def unloadable_folder(root: Path, case: str) -> Path:
     ("hub_offline", ["'someone/some-segmentation-set'", "could not be fetched from the Hub", "hf auth login"]),
     ("ade20k_offline", ["'zhoubolei/scene_parse_150'", "could not be fetched from the Hub", "hf auth login"]),
     ("script", ["is a loading script", "refs/convert/parquet"]),
-    ("empty_split", ["has an empty split", "validation", "--validation_split"]),
+    ("empty_split", ["validation-00000-of-00001.parquet has no rows", "--validation_split"]),
     ("no_data", ["holds no data files"]),
 ])
 def test_datasets_that_cannot_load_fail_at_once_in_one_line(tmp_path, case, fragments):

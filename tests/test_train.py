@@ -234,3 +234,28 @@ def test_a_log_file_reads_like_a_log(tmp_path):
     final = next(line for line in log.splitlines() if "final:" in line)
     assert re.search(r"final: mIoU \d+\.\d\d %, mean acc \d+\.\d\d %, pixel acc \d+\.\d\d %$", final), final
     assert "teacher None" not in log and "1 epochs" not in log and "Repo card metadata" not in log
+
+
+def test_the_transformers_examples_flag_names_work(tmp_path):
+    args = train_icsd.parse_args(["--dataset", "synthetic", "--model_name_or_path", "config:segformer-b0",
+                                  "--lr_scheduler_type", "polynomial", "--train_val_split", "0.25"])
+    assert args.student_model_name_or_path == "config:segformer-b0" and args.lr_scheduler_type == "polynomial"
+    assert train_icsd.parse_args(["--dataset", "synthetic"]).lr_scheduler_type == "polynomial"  # poly, power 0.9
+    with pytest.raises(train_icsd.UsageError, match="--train_val_split must be between 0 and 1; got 1.5"):
+        train_icsd.parse_args(["--dataset", "synthetic", "--train_val_split", "1.5"])
+    # A dataset without an evaluation split: the carved share follows the flag.
+    folder = tmp_path / "data"
+    (folder / "data").mkdir(parents=True)
+    _, evaluation, info = data.load_splits(data.DataOptions(dataset_name=str(CAMVID), max_eval_samples=None))
+    evaluation.select(range(20)).to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+    (folder / "id2label.json").write_text((CAMVID / "id2label.json").read_text())
+    train, held_out, _ = data.load_splits(data.DataOptions(dataset_name=str(folder), validation_fraction=0.25))
+    assert (len(train), len(held_out)) == (15, 5)
+
+
+def test_a_long_evaluation_logs_its_progress_without_a_terminal(tmp_path, monkeypatch):
+    clock = iter(range(0, 10_000, 31))  # every reading of the clock is 31 s after the last
+    monkeypatch.setattr(train_icsd.time, "time", lambda: float(next(clock)))
+    proc = train_ok(synthetic_args(tmp_path / "run", "none", steps=1, max_eval_samples=6))
+    lines = [line for line in proc.stderr.splitlines() if re.search(r"eval: batch \d/3, ", line)]
+    assert lines and all(re.search(r"eval: batch \d/3, \d+m\d\ds, about \d+(s|m\d\ds) left$", l) for l in lines), lines

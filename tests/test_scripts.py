@@ -103,3 +103,29 @@ def test_compare_prints_one_row_per_run(tmp_path):
                                             "| alone | none | 7 | 39.89 | 50.00 | n/a |"]
     proc = subprocess.run(cmd + [str(tmp_path / "missing")], env=ENV, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.startswith("compare.py: error: no all_results.json in ")
+
+
+@pytest.mark.skipif(not CAMVID.is_dir(), reason="needs ../shared/data/camvid")
+def test_study_carves_a_held_out_part_of_train_once_and_names_variants(tmp_path):
+    import argparse
+
+    study = _load_study()
+    args = argparse.Namespace(data=str(CAMVID), carve=0.15, carve_seed=0)
+    folder = study.carve_dataset(args, tmp_path)
+    carve = json.loads((folder / "carve.json").read_text())
+    assert carve["train_rows"] + len(carve["carve_rows"]) == 367 and len(carve["carve_rows"]) == 56
+    import datasets
+
+    splits = datasets.load_dataset(str(folder))
+    assert {k: len(v) for k, v in splits.items()} == {"train": 311, "carve": 56, "validation": 101}
+    assert not set(splits["train"]["source_row"]) & set(splits["carve"]["source_row"])  # disjoint, from train
+    assert (folder / "id2label.json").read_text() == (CAMVID / "id2label.json").read_text()
+    (folder / "carve.json").write_text(json.dumps({**carve, "seed": "kept"}))
+    assert study.carve_dataset(args, tmp_path) == folder and "kept" in (folder / "carve.json").read_text()  # once
+    assert study.parse_variant("kd_t4=kd:--temperature 4 --lambda_kd 3") == ("kd_t4", ("kd", [
+        "--temperature", "4", "--lambda_kd", "3"]))
+    assert study.parse_variant("aicsd") == ("aicsd", ("aicsd", []))
+    with pytest.raises(SystemExit, match="want NAME=METHOD"):
+        study.parse_variant("x=distill")
+    table = {m: {"eval_mean_iou": {"mean": v}} for m, v in (("none", 40.0), ("kd", 42.0), ("aicsd", 45.0))}
+    assert study.gap_closed(table, {"eval_mean_iou": 0.60}) == pytest.approx({"kd": 0.1, "aicsd": 0.25})

@@ -208,7 +208,7 @@ def _build_share(accelerator: Accelerator, teacher, adapter, train_hf, info, fol
         if time.time() - shown > 30:
             shown, elapsed = time.time(), time.time() - started
             logger.info(f"teacher cache: {done}/{len(order)} images on this process, "
-                        f"{utils.format_duration(elapsed)}, about {utils.format_duration(elapsed / done * (len(order) - done))} left",
+                        f"{utils.format_duration(elapsed)}, about {utils.format_duration(elapsed / max(done, 1) * (len(order) - done))} left",
                         main_process_only=False)
     return done, False
 

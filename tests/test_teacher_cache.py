@@ -218,6 +218,16 @@ def test_a_killed_build_resumes_and_never_reads_a_half_written_chunk(accelerator
     assert reader.logits(23, sizes[23], data.crop_geometry(0, 0, 23, sizes[23], (48, 64))).shape == (4, 48, 64)
 
 
+def test_a_stop_request_while_building_keeps_the_whole_chunks_and_exits_0(accelerator, tmp_path, monkeypatch):
+    ds, info = split([(40, 60)] * 5)
+    asked = iter([False] * 3 + [True])
+    monkeypatch.setattr(utils_training, "stop_requested", lambda: next(asked))
+    with pytest.raises(SystemExit) as stopped:
+        build(accelerator, tmp_path / "cache", LinearTeacher(), ds, info)
+    assert stopped.value.code == 0
+    assert sorted(chunk_bytes(tmp_path / "cache")) == sorted(f"0000{i}{kind}.npy" for i in range(3) for kind in ("", ".index"))
+
+
 # ---- A full disk is one line, before training -------------------------------------------------------------------
 def test_a_full_disk_is_one_line_before_training(tmp_path, monkeypatch):
     folder = tmp_path / "cache"

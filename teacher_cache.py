@@ -144,8 +144,6 @@ def _claim(folder: Path, ours: dict, train_hf, info: data.DataInfo, cells_per_pi
     else:
         (folder / "chunks").mkdir(parents=True, exist_ok=True)
         utils.write_json(record, {**ours, "chunk_rows": chunk_rows(ours["rows"]), "complete": False})
-    for stale in (folder / "chunks").glob(".tmp-*"):  # a killed build's half-written file
-        stale.unlink()
     per_chunk, needed = chunk_rows(ours["rows"]), 0
     for chunk in range(-(-ours["rows"] // per_chunk)):
         if not _chunk_path(folder, chunk, index=True).is_file():
@@ -187,8 +185,10 @@ def _build_share(accelerator: Accelerator, teacher, adapter, train_hf, info, fol
             if not _chunk_path(folder, c, index=True).is_file()]
     order = [r for c in mine for r in range(c * per_chunk, min((c + 1) * per_chunk, rows))]
     images = data.build_eval_dataset(train_hf, info, pad_mean=(0.0, 0.0, 0.0), skip_bad_samples=skip_bad_samples)
+    # A generator of its own: the loader's seed draw would otherwise move the global RNG, and with it the
+    # training's dropout, so that a run building the cache would train other weights than one reusing it.
     items = iter(DataLoader(Subset(images, order), batch_size=1, collate_fn=_single, num_workers=num_workers,
-                            worker_init_fn=utils.worker_init))
+                            worker_init_fn=utils.worker_init, generator=torch.Generator()))
     done, started, shown = 0, time.time(), time.time()
     for chunk in mine:
         maps, index, offset = [], [], 0

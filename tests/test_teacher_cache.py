@@ -282,9 +282,11 @@ def weights(folder: Path) -> dict:
 
 def test_resume_with_the_cache_ends_bit_identical_and_differs_from_the_live_teacher(tmp_path):
     cache = tmp_path / "cache"
-    straight, resumed, live = tmp_path / "straight", tmp_path / "resumed", tmp_path / "live"
+    straight, again, resumed, live = (tmp_path / name for name in ("straight", "again", "resumed", "live"))
     common = dict(steps=6, checkpointing_steps=3, dataloader_num_workers=1, max_train_samples=8)
     train_ok(synthetic(straight, cache, **common))
+    train_ok(synthetic(again, cache, **common))  # reusing the cache trains what building it did
+    assert all(torch.equal(v, weights(again)[k]) for k, v in weights(straight).items())
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(straight / "checkpoints" / "step_00000003", resumed / "checkpoints" / "step_00000003")
     ran = train_ok(synthetic(resumed, cache, **common, resume_from_checkpoint="latest"))

@@ -74,9 +74,8 @@ def promise(teacher: torch.nn.Module, adapter: Callable, train_hf, info: data.Da
             mixed_precision: str) -> dict:
     """What the cached logits are of: every key of :data:`PROMISE_LABELS`. The teacher is fingerprinted by
     its loaded tensors (a ``config:`` preset has no weights file) and its config's fields."""
-    state = sorted(teacher.state_dict().items())
-    tensors = [part for name, t in state for part in (name.encode(), str(t.dtype).encode(),
-                                                       t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())]
+    tensors = [part for name, t in sorted(teacher.state_dict().items()) for part in (
+        name.encode(), str(t.dtype).encode(), t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())]
     config = getattr(teacher, "config", None)
     fields = {k: v for k, v in (config.to_dict() if config is not None else {}).items() if k not in _CONFIG_NOISE}
     return {"format": FORMAT, "teacher_weights": _sha(tensors),
@@ -163,7 +162,8 @@ def _single(items: list[dict]) -> dict:
 
 
 @torch.no_grad()
-def _teacher_map(accelerator: Accelerator, teacher, adapter, pixels: torch.Tensor, stride: int, what: str) -> np.ndarray:
+def _teacher_map(accelerator: Accelerator, teacher, adapter, pixels: torch.Tensor, stride: int, what: str
+                 ) -> np.ndarray:
     """(C, h, w) float16 logits of the whole (3, H, W) uint8 image, ``stride`` times coarser than the teacher's."""
     try:
         with accelerator.autocast():
@@ -207,9 +207,9 @@ def _build_share(accelerator: Accelerator, teacher, adapter, train_hf, info, fol
         _save(_chunk_path(folder, chunk, index=True), np.asarray(index, dtype=np.int64).reshape(-1, 5))
         if time.time() - shown > 30:
             shown, elapsed = time.time(), time.time() - started
+            left = utils.format_duration(elapsed / max(done, 1) * (len(order) - done))
             logger.info(f"teacher cache: {done}/{len(order)} images on this process, "
-                        f"{utils.format_duration(elapsed)}, about {utils.format_duration(elapsed / max(done, 1) * (len(order) - done))} left",
-                        main_process_only=False)
+                        f"{utils.format_duration(elapsed)}, about {left} left", main_process_only=False)
     return done, False
 
 

@@ -7,7 +7,6 @@ import errno
 import io
 import json
 import shutil
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -158,14 +157,16 @@ def test_a_cache_is_refused_for_another_setup_and_reused_for_the_same(accelerato
     assert {p.name: p.stat().st_mtime_ns for p in (folder / "chunks").iterdir()} == before  # nothing rewritten
     other_classes = data.DataInfo(dict(enumerate(("a", "b", "c", "e"))), 255, "image", "label", (48, 64))
     bgr = models.make_input_adapter(models.MODEL_PRESETS["config:mobilevit-s"].make_processor())
-    for why, call in [("the teacher's weights", lambda: build(accelerator, folder, LinearTeacher(1), ds, info)),
-                      ("the training split", lambda: build(accelerator, folder, LinearTeacher(), split([(40, 60)] * 5, 1)[0], info)),
-                      ("the training rows 4 here, 5 there", lambda: build(accelerator, folder, LinearTeacher(), ds.select(range(4)), info)),
-                      ("the class list", lambda: build(accelerator, folder, LinearTeacher(), ds, other_classes)),
-                      ("the teacher's input preprocessing", lambda: build(accelerator, folder, LinearTeacher(), ds, info, adapter=bgr)),
-                      ("--teacher_cache_stride 2 here, 1 there", lambda: build(accelerator, folder, LinearTeacher(), ds, info, stride=2))]:
+    other_images = split([(40, 60)] * 5, seed=1)[0]
+    for why, changed in [("the teacher's weights", dict(teacher=LinearTeacher(1))),
+                         ("the training split", dict(ds=other_images)),
+                         ("the training rows 4 here, 5 there", dict(ds=ds.select(range(4)))),
+                         ("the class list", dict(info=other_classes)),
+                         ("the teacher's input preprocessing", dict(adapter=bgr)),
+                         ("--teacher_cache_stride 2 here, 1 there", dict(stride=2))]:
+        call = {"teacher": LinearTeacher(), "ds": ds, "info": info, **changed}
         with pytest.raises(utils_training.UsageError) as refused:
-            call()
+            build(accelerator, folder, **call)
         message = str(refused.value)
         assert "\n" not in message and why in message and f"--teacher_cache {folder}" in message, message
         assert message.count(" here, ") == 1 + ("rows" in why), message  # only what differs (a subset: both)
@@ -225,7 +226,8 @@ def test_a_stop_request_while_building_keeps_the_whole_chunks_and_exits_0(accele
     with pytest.raises(SystemExit) as stopped:
         build(accelerator, tmp_path / "cache", LinearTeacher(), ds, info)
     assert stopped.value.code == 0
-    assert sorted(chunk_bytes(tmp_path / "cache")) == sorted(f"0000{i}{kind}.npy" for i in range(3) for kind in ("", ".index"))
+    whole = sorted(f"0000{i}{kind}.npy" for i in range(3) for kind in ("", ".index"))
+    assert sorted(chunk_bytes(tmp_path / "cache")) == whole
 
 
 # ---- A full disk is one line, before training -------------------------------------------------------------------

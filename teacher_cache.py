@@ -3,7 +3,7 @@ takes its logits from disk, cropped, scaled and flipped as its image was (``trai
 
 A cache folder holds ``cache.json``, the promise of what the logits are of (teacher weights and config, training
 split, classes, the teacher's input preprocessing, resolution, precision: :func:`promise`) and the layout, and
-``chunks/NNNNN.npy`` (float16, the (C, h, w) maps of ``chunk_rows`` consecutive rows, concatenated) with
+``chunks/NNNNN.npy`` (float16, the (h, w, C) maps of ``chunk_rows`` consecutive rows, concatenated) with
 ``chunks/NNNNN.index.npy`` (int64 (rows, 5): offset, h, w and the image's H, W). Each file is written under a
 temporary name and renamed; a chunk is whole once its index is there (written last), so a killed build leaves
 whole chunks only, and the next one builds just the missing chunks. Process i of N builds chunks i, i + N, ...
@@ -164,7 +164,8 @@ def _single(items: list[dict]) -> dict:
 @torch.no_grad()
 def _teacher_map(accelerator: Accelerator, teacher, adapter, pixels: torch.Tensor, stride: int, what: str
                  ) -> np.ndarray:
-    """(C, h, w) float16 logits of the whole (3, H, W) uint8 image, ``stride`` times coarser than the teacher's."""
+    """(h, w, C) float16 logits of the whole (3, H, W) uint8 image, ``stride`` times coarser than the teacher's;
+    channels last, so that the reader gathers whole rows and whole pixels."""
     try:
         with accelerator.autocast():
             logits = models.segmentation_logits(teacher, adapter(pixels[None].to(accelerator.device))).float()
@@ -174,7 +175,7 @@ def _teacher_map(accelerator: Accelerator, teacher, adapter, pixels: torch.Tenso
     if stride > 1:  # a coarser map, still spanning the whole image
         size = tuple(-(-n // stride) for n in logits.shape[-2:])
         logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False, antialias=True)
-    return logits[0].cpu().numpy().astype(np.float16)
+    return logits[0].permute(1, 2, 0).cpu().numpy().astype(np.float16)
 
 
 def _build_share(accelerator: Accelerator, teacher, adapter, train_hf, info, folder: Path, stride: int,
@@ -201,7 +202,7 @@ def _build_share(accelerator: Accelerator, teacher, adapter, train_hf, info, fol
                 continue
             logits = _teacher_map(accelerator, teacher, adapter, item["pixel_values"], stride, f"training row {row}")
             maps.append(logits.reshape(-1))
-            index.append((offset, *logits.shape[1:], *item["labels"].shape))
+            index.append((offset, *logits.shape[:2], *item["labels"].shape))
             offset, done = offset + logits.size, done + 1
         _save(_chunk_path(folder, chunk), np.concatenate(maps) if maps else np.zeros(0, np.float16))
         _save(_chunk_path(folder, chunk, index=True), np.asarray(index, dtype=np.int64).reshape(-1, 5))
@@ -290,25 +291,35 @@ def _taps(cells: int, length: int, window: data.Window, crop: int, out: int, fli
     support = max(1.0, step * window.size / window.out * cells / length)
     low, high = window.start * cells // length, -(-(window.start + window.size) * cells // length)
     first = np.clip(np.floor(centre - support + 0.5), low, high - 1).astype(np.int64)
-    taps = first[:, None] + np.arange(int(np.ceil(2 * support)) + 1)
+    taps = first[:, None] + np.arange(math.ceil(2 * support))  # |j + 0.5 - centre| < support: at most 2 support
     weights = np.clip(1.0 - np.abs((taps + 0.5 - centre[:, None]) / support), 0.0, None) * (taps < high)
     weights[weights.sum(1) == 0, 0] = 1.0  # a centre past the window's edge: its edge cell
     weights = weights / weights.sum(1, keepdims=True) * content[:, None]
     return torch.from_numpy(np.minimum(taps, high - 1)), torch.from_numpy(weights.astype(np.float32))
 
 
+def _resample_axis(x: torch.Tensor, dim: int, taps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``x`` resampled along ``dim`` by (out, K) ``taps`` and ``weights``: K gathers of whole slices."""
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    out = x.index_select(dim, taps[:, 0]).mul_(weights[:, 0].view(shape))
+    for k in range(1, taps.shape[1]):
+        out.addcmul_(x.index_select(dim, taps[:, k]), weights[:, k].view(shape))
+    return out
+
+
 def resample(cached: np.ndarray, image_hw: tuple[int, int], geometry: data.CropGeometry, crop_size: tuple[int, int],
              out_size: tuple[int, int]) -> torch.Tensor:
-    """The (C, h, w) map ``cached`` of a whole (H, W) image as the (C, *out_size) float32 map of the training
+    """The (h, w, C) map ``cached`` of a whole (H, W) image as the (C, *out_size) float32 map of the training
     crop ``geometry`` cuts from it (``data.crop_geometry``), 0 on the padding: the teacher's logits of the
     crop, for a teacher that commutes with resampling. Separable, a few taps per output cell, float32."""
     (rows, row_w), (cols, col_w) = (_taps(n, length, window, crop, out, flip) for n, length, window, crop, out, flip in
-                                    zip(cached.shape[1:], image_hw, (geometry.rows, geometry.cols), crop_size,
+                                    zip(cached.shape[:2], image_hw, (geometry.rows, geometry.cols), crop_size,
                                         out_size, (False, geometry.flip)))
     r0, c0 = int(rows.min()), int(cols.min())  # read only the window's cells from the memory map
-    block = torch.from_numpy(np.array(cached[:, r0:int(rows.max()) + 1, c0:int(cols.max()) + 1], dtype=np.float32))
-    x = (block[:, (rows - r0).reshape(-1)].unflatten(1, rows.shape) * row_w[None, :, :, None]).sum(2)
-    return (x[:, :, (cols - c0).reshape(-1)].unflatten(2, cols.shape) * col_w).sum(3)
+    block = torch.from_numpy(np.ascontiguousarray(cached[r0:int(rows.max()) + 1, c0:int(cols.max()) + 1])).float()
+    x = _resample_axis(_resample_axis(block, 0, rows - r0, row_w), 1, cols - c0, col_w)
+    return x.permute(2, 0, 1)
 
 
 class TeacherCache:
@@ -336,5 +347,5 @@ class TeacherCache:
             raise data.DataError(f"training row {index} is {image_hw[1]}x{image_hw[0]} (WxH), but the teacher cache "
                                  f"in {self.folder} holds the logits of a {width}x{height} image: it was built for "
                                  "other images; delete it to rebuild it")
-        cached = values[offset:offset + self.num_labels * h * w].reshape(self.num_labels, h, w)
-        return resample(cached, image_hw, geometry, self.crop_size, self.out_size).half()
+        cached = values[offset:offset + h * w * self.num_labels].reshape(h, w, self.num_labels)
+        return resample(cached, image_hw, geometry, self.crop_size, self.out_size).half().contiguous()

@@ -123,7 +123,7 @@ def test_resample_of_an_aligned_window_is_torchs_antialiased_resize(flip):
         crop = (int(rng.integers(m * ratio, 3 * m * ratio + 1)), int(rng.integers(n * ratio, 3 * n * ratio + 1)))
         geometry = data.CropGeometry(1.0, data.Window(a * ratio, m * ratio, crop[0]),
                                      data.Window(b * ratio, n * ratio, crop[1]), flip)
-        got = teacher_cache.resample(cached, (h * ratio, w * ratio), geometry, crop, (t_h, t_w))
+        got = teacher_cache.resample(cached.transpose(1, 2, 0), (h * ratio, w * ratio), geometry, crop, (t_h, t_w))
         window = torch.from_numpy(cached[:, a:a + m, b:b + n].astype(np.float32))[None]
         want = F.interpolate(window, size=(t_h, t_w), mode="bilinear", align_corners=False, antialias=True)[0]
         assert torch.allclose(got, want.flip(-1) if flip else want, atol=1e-5)

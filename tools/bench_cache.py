@@ -2,7 +2,7 @@
 
     python tools/bench_cache.py                      # CamVid, SegFormer-b2 teacher -> SegFormer-tiny student
     python tools/bench_cache.py --rows 16 --rounds 3 --compare_stride 0   # quicker
-    python tools/bench_cache.py --table              # only the storage table of the README
+    python tools/bench_cache.py --table              # the README's storage table, the resampling cost per item
 
 In one process, with the same flags (crop, batch, student, DataLoader workers): milliseconds per optimizer
 step of the student alone (``--distill none``), of AICSD with the live teacher and of AICSD from the cache
@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
@@ -60,6 +61,25 @@ def storage_table() -> str:
                 for s, k in ((4, 1), (8, 1), (4, 2))]
         shown = [f"{b / 1e9:.1f} GB" if b >= 1e9 else f"{b / 1e6:.0f} MB" for b in size]
         lines.append(f"| {name} | {rows:,} | {w}x{h} | {classes} | {' | '.join(shown)} |")
+    return "\n".join(lines)
+
+
+def resample_costs(repeats: int = 20) -> str:
+    """Milliseconds a training item's cached map takes to cut (``teacher_cache.resample``, one thread), per
+    dataset of the table with a stride-4 teacher at its preset's crop: the cache's cost in the DataLoader."""
+    crops = {"CamVid": (352, 480), "Pascal VOC 2012": (512, 512), "Cityscapes": (512, 1024), "ADE20K": (512, 512)}
+    lines = ["| dataset | map (h, w, C) | crop | output | ms per item (median) |", "|---|---|---|---|---|"]
+    for name, _, (h, w), classes in DATASETS:
+        cached = np.random.default_rng(0).standard_normal((-(-h // 4), -(-w // 4), classes)).astype(np.float16)
+        crop, laps = crops[name], []
+        out = (crop[0] // 4, crop[1] // 4)
+        for index in range(repeats):
+            geometry = data.crop_geometry(0, 0, index, (h, w), crop)
+            started = time.process_time()
+            teacher_cache.resample(cached, (h, w), geometry, crop, out)
+            laps.append(1000 * (time.process_time() - started))
+        lines.append(f"| {name} | {cached.shape} | {crop[0]}x{crop[1]} | {out[0]}x{out[1]} | "
+                     f"{statistics.median(laps):.1f} |")
     return "\n".join(lines)
 
 
@@ -143,13 +163,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=2, help="steps of each mode per round")
     p.add_argument("--compare_stride", type=int, default=2, help="also build a cache this much coarser (0: no)")
-    p.add_argument("--table", action="store_true", help="print the storage table only")
+    p.add_argument("--table", action="store_true", help="print the storage table and the resampling cost only")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.table:
-        print(storage_table())
+        print(storage_table() + "\n\n" + resample_costs())
         return
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
     train_hf, _, info = data.load_splits(data.DataOptions(dataset_name=args.dataset_name, max_train_samples=args.rows))
     student = models.load_student(args.student, info.id2label)
     teacher = models.load_teacher(args.teacher, info.id2label)
@@ -173,16 +193,17 @@ def main(argv: list[str] | None = None) -> None:
     load = [max(a, b) for a, b in zip(load, os.getloadavg())]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
               f"{torch.get_num_threads()} threads"
-    print(f"\n{args.teacher} -> {args.student}, {args.rows} CamVid rows, crop {args.crop_size[0]}x{args.crop_size[1]}, "
-          f"batch {args.batch}, {args.workers} DataLoader worker(s); {machine}; load average (1/5/15 min, the "
+    print(f"\n{args.teacher} -> {args.student}, {args.rows} CamVid rows, crop {args.crop_size[0]}x{args.crop_size[1]},"
+          f" batch {args.batch}, {args.workers} DataLoader worker(s); {machine}; load average (1/5/15 min, the "
           f"higher of before and after) {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}\n")
     none = [statistics.median(lap[k] for lap in times["none"]) for k in (0, 1)]
-    print("| mode | CPU ms per step (median) | × student alone | wall ms per step (median, min–max) | × student alone |"
-          "\n|---|---|---|---|---|")
+    print("| mode | CPU ms per step (median) | × student alone | wall ms per step (median, min–max) | × student "
+          "alone |\n|---|---|---|---|---|")
     for mode, laps in times.items():
         cpu, wall = ([lap[k] for lap in laps] for k in (0, 1))
         print(f"| {mode} | {statistics.median(cpu):.0f} | {statistics.median(cpu) / none[0]:.2f} | "
-              f"{statistics.median(wall):.0f} ({min(wall):.0f}–{max(wall):.0f}) | {statistics.median(wall) / none[1]:.2f} |")
+              f"{statistics.median(wall):.0f} ({min(wall):.0f}–{max(wall):.0f}) | "
+              f"{statistics.median(wall) / none[1]:.2f} |")
     for stride, (seconds, size) in built.items():
         print(f"\ncache, stride {stride}: built in {seconds:.1f} s ({1000 * seconds / args.rows:.0f} ms per image), "
               f"{size / 1e6:.2f} MB ({size / args.rows / 1e3:.0f} kB per image)")

@@ -317,7 +317,7 @@ def resample(cached: np.ndarray, image_hw: tuple[int, int], geometry: data.CropG
                                     zip(cached.shape[:2], image_hw, (geometry.rows, geometry.cols), crop_size,
                                         out_size, (False, geometry.flip)))
     r0, c0 = int(rows.min()), int(cols.min())  # read only the window's cells from the memory map
-    block = torch.from_numpy(np.ascontiguousarray(cached[r0:int(rows.max()) + 1, c0:int(cols.max()) + 1])).float()
+    block = torch.from_numpy(np.array(cached[r0:int(rows.max()) + 1, c0:int(cols.max()) + 1])).float()
     x = _resample_axis(_resample_axis(block, 0, rows - r0, row_w), 1, cols - c0, col_w)
     return x.permute(2, 0, 1)
 

@@ -80,6 +80,7 @@ def chunk_bytes(folder: Path) -> dict[str, bytes]:
 
 
 # ---- The cached logits are the live teacher's ------------------------------------------------------------------
+@pytest.mark.filterwarnings("error:The given NumPy array is not writable")  # the memory map is read-only
 def test_cached_crops_equal_the_linear_teacher_on_the_same_crop(accelerator, tmp_path):
     sizes = [(37, 50), (48, 64), (97, 130), (23, 150), (160, 41), (64, 200)]  # smaller and larger than the crop
     ds, info = split(sizes)

@@ -277,6 +277,27 @@ def test_the_flag_needs_a_teacher_and_a_positive_stride(tmp_path):
         assert ran.stderr.strip().splitlines()[-1].startswith(f"train_icsd.py: error: {message}")
 
 
+@pytest.mark.parametrize("distill", ["cwd", "ickd", "icsd"])  # kd and aicsd: the tests below
+def test_every_distilling_objective_trains_from_the_cache(tmp_path, distill):
+    ran = train_ok(synthetic(tmp_path / "out", tmp_path / "cache", distill, steps=2, max_train_samples=4))
+    assert "teacher cache built" in ran.stderr
+    assert json.loads((tmp_path / "out" / "all_results.json").read_text())["train_steps"] == 2
+
+
+def test_non_finite_cached_logits_stop_the_first_step_in_one_line(tmp_path):
+    cache = tmp_path / "cache"
+    train_ok(synthetic(tmp_path / "first", cache, "kd", steps=1, max_train_samples=4))
+    for path in (cache / "chunks").glob("?????.npy"):
+        values = np.load(path, mmap_mode="r+")
+        values[::7] = np.inf
+        values.flush()
+    ran = run_inprocess(synthetic(tmp_path / "second", cache, "kd", steps=1, max_train_samples=4))
+    assert ran.returncode == 2
+    assert ran.stderr.strip().splitlines()[-1].startswith(f"train_icsd.py: error: the teacher {TINY} gives NaN/Inf "
+                                                          "logits on the first training batch"), ran.stderr[-800:]
+    assert f"delete --teacher_cache {cache} to rebuild it" in ran.stderr
+
+
 def weights(folder: Path) -> dict:
     from safetensors.torch import load_file
 

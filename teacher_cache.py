@@ -218,6 +218,23 @@ def _everyone(accelerator: Accelerator, value: object) -> list:
     return [value] if accelerator.num_processes == 1 else gather_object([value])
 
 
+def _agreed_claim(accelerator: Accelerator, folder: Path, ours: dict, train_hf, info: data.DataInfo,
+                  cells_per_pixel: tuple[float, float]) -> int:
+    """:func:`_claim` on the main process, its answer (bytes to build) or its refusal on every process."""
+    decision = [None]
+    if accelerator.is_main_process:
+        try:
+            decision = [("ok", _claim(folder, ours, train_hf, info, cells_per_pixel))]
+        except (utils.UsageError, OSError) as err:
+            decision = [("error", str(err) if isinstance(err, utils.UsageError) else
+                         f"--teacher_cache {folder} cannot be used: {utils.one_line(err)}")]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(decision, from_process=0)
+    if decision[0][0] == "error":
+        raise utils.UsageError(decision[0][1])
+    return decision[0][1]
+
+
 def prepare(accelerator: Accelerator, teacher: torch.nn.Module, adapter: Callable, train_hf, info: data.DataInfo,
             folder: str | Path, *, crop_size: tuple[int, int], stride: int = 1, num_workers: int = 0,
             skip_bad_samples: bool = False) -> TeacherCache:
@@ -228,19 +245,9 @@ def prepare(accelerator: Accelerator, teacher: torch.nn.Module, adapter: Callabl
     with torch.no_grad():  # the size of the live teacher's logits of a crop: the size cached crops come out at
         out_size = tuple(models.segmentation_logits(teacher, torch.zeros(1, 3, *crop_size,
                                                                           device=accelerator.device)).shape[-2:])
-    ours, decision = promise(teacher, adapter, train_hf, info, stride, accelerator.mixed_precision), [None]
-    if accelerator.is_main_process:
-        try:
-            decision = [("ok", _claim(folder, ours, train_hf, info, (out_size[0] / crop_size[0],
-                                                                       out_size[1] / crop_size[1])))]
-        except (utils.UsageError, OSError) as err:
-            decision = [("error", str(err) if isinstance(err, utils.UsageError) else
-                         f"--teacher_cache {folder} cannot be used: {utils.one_line(err)}")]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(decision, from_process=0)
-    kind, needed = decision[0]
-    if kind == "error":
-        raise utils.UsageError(needed)
+    ours = promise(teacher, adapter, train_hf, info, stride, accelerator.mixed_precision)
+    needed = _agreed_claim(accelerator, folder, ours, train_hf, info, (out_size[0] / crop_size[0],
+                                                                        out_size[1] / crop_size[1]))
     if needed:
         logger.info(f"building the teacher cache in {folder}: about {needed / 1e6:.1f} MB")
     started, error, done, stopped = time.time(), None, 0, False

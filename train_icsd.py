@@ -759,7 +759,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     # Every sample was skipped: a zero loss that touches every parameter keeps DDP in step.
                     loss, terms = sum(p.sum() for p in student.parameters()) * 0.0, {}
                 else:
-                    t_logits = teacher_logits(nets, args, batch["pixel_values"], accelerator, batch.get("teacher_logits"))
+                    t_logits = teacher_logits(nets, args, batch["pixel_values"], accelerator,
+                                              batch.get("teacher_logits"))
                     s_logits = models.segmentation_logits(student, nets.student_adapter(batch["pixel_values"]))
                     loss, terms = step_losses(args, s_logits, t_logits, batch["labels"], info.ignore_index, alpha)
                 accelerator.backward(loss)

@@ -146,6 +146,36 @@ def loss_effect(student, teacher, adapters, ds, caches: dict, batch: int, ignore
     return values
 
 
+def step_table(times: dict[str, list[tuple]]) -> str:
+    none = [statistics.median(lap[k] for lap in times["none"]) for k in (0, 1)]
+    lines = ["| mode | CPU ms per step (median) | × student alone | wall ms per step (median, min–max) | × student "
+             "alone |", "|---|---|---|---|---|"]
+    for mode, laps in times.items():
+        cpu, wall = ([lap[k] for lap in laps] for k in (0, 1))
+        lines.append(f"| {mode} | {statistics.median(cpu):.0f} | {statistics.median(cpu) / none[0]:.2f} | "
+                     f"{statistics.median(wall):.0f} ({min(wall):.0f}–{max(wall):.0f}) | "
+                     f"{statistics.median(wall) / none[1]:.2f} |")
+    return "\n".join(lines)
+
+
+def loss_table(values: dict[str, list], stride: int, batch: int) -> str:
+    """Relative differences of KD and ICSD between the caches and the live teacher (mean and max over batches)."""
+    exact, coarse = values["cache, stride 1"], values[f"cache, stride {stride}"]
+    lines = ["\n| against | KD: mean relative difference (max) | ICSD: mean relative difference (max) |",
+             "|---|---|---|"]
+    for name, ref, other in ((f"stride {stride} vs stride 1", exact, coarse),
+                             ("stride 1 vs live", values["live"], exact),
+                             (f"stride {stride} vs live", values["live"], coarse)):
+        cells = []
+        for term in (0, 1):
+            diffs = [abs(o[term] - r[term]) / r[term] for r, o in zip(ref, other)]
+            cells.append(f"{100 * statistics.mean(diffs):.2f} % ({100 * max(diffs):.2f} %)")
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    lines.append(f"\n(over {len(exact)} batches of {batch}; KD {statistics.mean(v[0] for v in exact):.4f}, ICSD "
+                 f"{statistics.mean(v[1] for v in exact):.5f} on average with the full-resolution cache)")
+    return "\n".join(lines)
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -196,32 +226,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{args.teacher} -> {args.student}, {args.rows} CamVid rows, crop {args.crop_size[0]}x{args.crop_size[1]},"
           f" batch {args.batch}, {args.workers} DataLoader worker(s); {machine}; load average (1/5/15 min, the "
           f"higher of before and after) {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}\n")
-    none = [statistics.median(lap[k] for lap in times["none"]) for k in (0, 1)]
-    print("| mode | CPU ms per step (median) | × student alone | wall ms per step (median, min–max) | × student "
-          "alone |\n|---|---|---|---|---|")
-    for mode, laps in times.items():
-        cpu, wall = ([lap[k] for lap in laps] for k in (0, 1))
-        print(f"| {mode} | {statistics.median(cpu):.0f} | {statistics.median(cpu) / none[0]:.2f} | "
-              f"{statistics.median(wall):.0f} ({min(wall):.0f}–{max(wall):.0f}) | "
-              f"{statistics.median(wall) / none[1]:.2f} |")
+    print(step_table(times))
     for stride, (seconds, size) in built.items():
         print(f"\ncache, stride {stride}: built in {seconds:.1f} s ({1000 * seconds / args.rows:.0f} ms per image), "
               f"{size / 1e6:.2f} MB ({size / args.rows / 1e3:.0f} kB per image)")
     if len(caches) > 1:
         values = loss_effect(student, teacher, adapters, datasets_[0], caches, args.batch, info.ignore_index)
-        exact, coarse = values["cache, stride 1"], values[f"cache, stride {args.compare_stride}"]
-        print("\n| against | KD: mean relative difference (max) | ICSD: mean relative difference (max) |\n"
-              "|---|---|---|")
-        for name, ref, other in ((f"stride {args.compare_stride} vs stride 1", exact, coarse),
-                                 ("stride 1 vs live", values["live"], exact),
-                                 (f"stride {args.compare_stride} vs live", values["live"], coarse)):
-            cells = []
-            for term in (0, 1):
-                diffs = [abs(o[term] - r[term]) / r[term] for r, o in zip(ref, other)]
-                cells.append(f"{100 * statistics.mean(diffs):.2f} % ({100 * max(diffs):.2f} %)")
-            print(f"| {name} | {' | '.join(cells)} |")
-        print(f"\n(over {len(exact)} batches of {args.batch}; KD {statistics.mean(v[0] for v in exact):.4f}, ICSD "
-              f"{statistics.mean(v[1] for v in exact):.5f} on average with the full-resolution cache)")
+        print(loss_table(values, args.compare_stride, args.batch))
     shutil.rmtree(work)
 
 

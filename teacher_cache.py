@@ -40,7 +40,7 @@ FORMAT = "aicsd-teacher-logits/1"
 MAX_CHUNK_ROWS = 64
 # What a reused cache must agree on, as the one-line refusal names it.
 PROMISE_LABELS = {
-    "format": "the cache format", "teacher_weights": "the teacher's weights (sha256)",
+    "format": "the cache format", "dtype": "the stored dtype", "teacher_weights": "the teacher's weights (sha256)",
     "teacher_config": "the teacher's config (sha256)", "dataset": "the training split (datasets fingerprint)",
     "rows": "the training rows", "classes": "the class list", "preprocessing": "the teacher's input preprocessing",
     "stride": "--teacher_cache_stride", "mixed_precision": "the mixed precision",
@@ -78,7 +78,7 @@ def promise(teacher: torch.nn.Module, adapter: Callable, train_hf, info: data.Da
         name.encode(), str(t.dtype).encode(), t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())]
     config = getattr(teacher, "config", None)
     fields = {k: v for k, v in (config.to_dict() if config is not None else {}).items() if k not in _CONFIG_NOISE}
-    return {"format": FORMAT, "teacher_weights": _sha(tensors),
+    return {"format": FORMAT, "dtype": "float16", "teacher_weights": _sha(tensors),
             "teacher_config": _sha(json.dumps([type(teacher).__name__, fields], sort_keys=True, default=str).encode()),
             "dataset": getattr(train_hf, "_fingerprint", None), "rows": len(train_hf),
             "classes": [info.id2label[i] for i in range(info.num_labels)],

@@ -784,14 +784,15 @@ class SegmentationTrainDataset(SegmentationSamples):
         if min(self.crop_size) < 1 or not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ValueError(f"need a positive crop_size, 0 < low <= high scale_range: got {crop_size}, {scale_range}")
         self.seed, self.epoch = int(seed), 0
+        self.teacher_cache = None  # a teacher_cache.TeacherCache: items then carry their crop's teacher logits
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose augmentations items draw (before each epoch's DataLoader iterator starts)."""
         self.epoch = int(epoch)
 
     def _item(self, index: int, image: np.ndarray, label: np.ndarray, table: np.ndarray | None) -> dict:
-        _, (y0, src_h, out_h), (x0, src_w, out_w), flip = crop_geometry(
-            self.seed, self.epoch, index, label.shape, self.crop_size, self.scale_range)
+        geometry = crop_geometry(self.seed, self.epoch, index, label.shape, self.crop_size, self.scale_range)
+        _, (y0, src_h, out_h), (x0, src_w, out_w), flip = geometry
         # Mirrored before resampling, which commutes with mirroring (bit for bit with torch's kernel): the copy
         # of the window that the kernel's fast path needs anyway does it.
         pixels = _rgbx_window(image[y0:y0 + src_h, x0:x0 + src_w], flip)
@@ -800,7 +801,10 @@ class SegmentationTrainDataset(SegmentationSamples):
         planes = _planes(pixels, self.crop_size, self.pad_rgb, flip)  # while the resized pixels are in the cache
         labels, window = _padded(self._label_fill, self.crop_size, (out_h, out_w), flip)
         _nearest_label(label[y0:y0 + src_h, x0:x0 + src_w], window, table, flip)
-        return {"pixel_values": planes, "labels": torch.from_numpy(labels)}
+        item = {"pixel_values": planes, "labels": torch.from_numpy(labels)}
+        if self.teacher_cache is not None:  # (C, ht, wt) float16, cut from the whole image's as the image was
+            item["teacher_logits"] = self.teacher_cache.logits(index, label.shape, geometry)
+        return item
 
 
 class SegmentationEvalDataset(SegmentationSamples):
@@ -907,14 +911,18 @@ def _nearest_label(label: np.ndarray, out: np.ndarray, table: np.ndarray | None,
 
 
 def train_collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
-    """Stack training samples, dropping skipped ones: ``pixel_values`` (B, 3, h, w) uint8, ``labels`` (B, h, w)
-    and ``num_skipped`` (0-dim long); B is 0 when every sample was skipped."""
+    """Stack training samples, dropping skipped ones: ``pixel_values`` (B, 3, h, w) uint8, ``labels`` (B, h, w),
+    ``num_skipped`` (0-dim long) and, from a cache, ``teacher_logits`` (B, C, ht, wt); B is 0 when every sample
+    was skipped."""
     kept = [s for s in samples if not s.get("skipped")]
     if not kept:
         return {"pixel_values": torch.empty(0, 3, 0, 0, dtype=torch.uint8),
                 "labels": torch.empty(0, 0, 0, dtype=torch.uint8), "num_skipped": torch.tensor(len(samples))}
-    return {"pixel_values": torch.stack([s["pixel_values"] for s in kept]),
-            "labels": torch.stack([s["labels"] for s in kept]), "num_skipped": torch.tensor(len(samples) - len(kept))}
+    batch = {"pixel_values": torch.stack([s["pixel_values"] for s in kept]),
+             "labels": torch.stack([s["labels"] for s in kept]), "num_skipped": torch.tensor(len(samples) - len(kept))}
+    if "teacher_logits" in kept[0]:
+        batch["teacher_logits"] = torch.stack([s["teacher_logits"] for s in kept])
+    return batch
 
 
 def eval_collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:

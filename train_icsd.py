@@ -41,6 +41,7 @@ import data
 import losses
 import models
 import pictures
+import teacher_cache
 import utils_hub
 import utils_training as utils
 from utils_training import UsageError
@@ -68,7 +69,7 @@ RUN_SETTINGS = (
     "image_column", "label_column", "id2label", "ignore_index", "do_reduce_labels", "train_split",
     "validation_split", "train_val_split", "max_train_samples", "skip_bad_samples", "crop_size", "seed",
     "learning_rate", "weight_decay", "lr_scheduler_type", "num_warmup_steps", "max_grad_norm", "max_train_steps",
-    "num_train_epochs",
+    "num_train_epochs", "teacher_cache", "teacher_cache_stride",
 )
 
 
@@ -136,6 +137,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--alw_granularity", choices=("step", "epoch"), default="step",
                    help="How ALW's alpha rises from 0 to 1: every optimizer step (alpha = step / steps), or once per "
                         "epoch (alpha = epoch / epochs), which reproduces the paper exactly.")
+    g.add_argument("--teacher_cache", default=None, metavar="DIR",
+                   help="Run the teacher once over the whole training images and keep its logits in DIR (reused by "
+                        "a later run with the same teacher, data and classes); each sample's logits are then cropped, "
+                        "scaled and flipped as its image, and training runs no teacher.")
+    g.add_argument("--teacher_cache_stride", type=int, default=1,
+                   help="Keep the cached logits this many times coarser than the teacher's output (2: a quarter of "
+                        "the bytes).")
 
     g = p.add_argument_group("optimization")
     g.add_argument("--per_device_train_batch_size", type=int, default=8, help="Training batch per process.")
@@ -234,6 +242,11 @@ def _check_values(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name} must be >= 0; got {getattr(args, name)}")
     if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be in [0, 2**32); got {args.seed}")
+    if args.teacher_cache is not None and args.distill == "none":
+        raise UsageError("--teacher_cache keeps a teacher's logits, but --distill none trains without a teacher: drop "
+                         "it, or pick a distilling --distill (kd, cwd, ickd, icsd, aicsd)")
+    if args.teacher_cache_stride < 1:
+        raise UsageError(f"--teacher_cache_stride must be >= 1; got {args.teacher_cache_stride}")
     if not 0 < args.train_val_split < 1:
         raise UsageError(f"--train_val_split must be between 0 and 1; got {args.train_val_split}")
     for name in ("learning_rate", "temperature", "max_grad_norm", "weight_decay", "lambda_ics", "lambda_kd",
@@ -276,6 +289,8 @@ def run_settings(args: argparse.Namespace, accelerator: Accelerator) -> dict:
             args.id2label).is_file() else args.id2label
     if args.max_train_steps is not None:
         settings["num_train_epochs"] = None  # overridden
+    settings["teacher_cache"] = args.teacher_cache is not None  # cached or live logits, wherever they are kept
+    settings["teacher_cache_stride"] = args.teacher_cache_stride if args.teacher_cache else None
     settings["global_batch_size"] = (args.per_device_train_batch_size * accelerator.num_processes
                                      * args.gradient_accumulation_steps)
     settings["mixed_precision"] = accelerator.mixed_precision
@@ -524,17 +539,23 @@ def epoch_loader(accelerator: Accelerator, loaders: argparse.Namespace, epoch: i
     return loader
 
 
-def teacher_logits(nets, args: argparse.Namespace, pixel_values: torch.Tensor, accelerator: Accelerator):
-    """The frozen teacher's logits (B, C, ht, wt), or None when the objective needs no teacher. The first batch's
-    are checked (one host sync): non-finite teacher logits are the teacher's fault, not a learning rate's."""
+def teacher_logits(nets, args: argparse.Namespace, pixel_values: torch.Tensor, accelerator: Accelerator,
+                   cached: torch.Tensor | None = None):
+    """The frozen teacher's logits (B, C, ht, wt), or None when the objective needs no teacher; ``cached``: the
+    batch's from ``--teacher_cache`` instead (float16). The first batch's are checked (one host sync): non-finite
+    teacher logits are the teacher's fault, not a learning rate's."""
     if nets.teacher is None or args.distill == "none":
         return None
-    with torch.no_grad(), accelerator.autocast():
-        logits = models.segmentation_logits(nets.teacher, nets.teacher_adapter(pixel_values))
+    if cached is not None:
+        logits = cached.float()
+    else:
+        with torch.no_grad(), accelerator.autocast():
+            logits = models.segmentation_logits(nets.teacher, nets.teacher_adapter(pixel_values))
     if not nets.teacher_checked:
         nets.teacher_checked = True
         if not torch.isfinite(logits).all():
             hint = "; try --mixed_precision bf16 or no" if accelerator.mixed_precision == "fp16" else ""
+            hint += f"; then delete --teacher_cache {args.teacher_cache} to rebuild it" if cached is not None else ""
             raise FloatingPointError(f"the teacher {args.teacher_model_name_or_path} gives NaN/Inf logits on the "
                                      f"first training batch: its weights are finite, its activations overflow{hint}")
     return logits
@@ -686,6 +707,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # Load models, data loaders and optimizer; prepare everything with our accelerator
     nets = load_models(args, info, accelerator)
     loaders = build_dataloaders(args, train_hf, eval_hf, info, nets, accelerator)
+    if args.teacher_cache:  # one teacher pass over the training images: the batches then carry its logits
+        loaders.train_ds.teacher_cache = teacher_cache.prepare(
+            accelerator, nets.teacher, nets.teacher_adapter, train_hf, info, args.teacher_cache,
+            crop_size=args.crop_size, stride=args.teacher_cache_stride, num_workers=args.dataloader_num_workers,
+            skip_bad_samples=args.skip_bad_samples)
     optimizer = torch.optim.AdamW(nets.student.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     student, optimizer, loaders.train = accelerator.prepare(nets.student, optimizer, loaders.train)
     plan = plan_schedule(args, len(loaders.train) // args.gradient_accumulation_steps)
@@ -725,7 +751,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     # Every sample was skipped: a zero loss that touches every parameter keeps DDP in step.
                     loss, terms = sum(p.sum() for p in student.parameters()) * 0.0, {}
                 else:
-                    t_logits = teacher_logits(nets, args, batch["pixel_values"], accelerator)
+                    t_logits = teacher_logits(nets, args, batch["pixel_values"], accelerator,
+                                              batch.get("teacher_logits"))
                     s_logits = models.segmentation_logits(student, nets.student_adapter(batch["pixel_values"]))
                     loss, terms = step_losses(args, s_logits, t_logits, batch["labels"], info.ignore_index, alpha)
                 accelerator.backward(loss)

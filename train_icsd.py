@@ -778,9 +778,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 progress.set_postfix({k[6:]: f"{logs[k]:.4f}" for k in ("train/loss", "train/alpha") if k in logs})
                 logger.info(utils.format_train_log(step, plan.max_train_steps, logs, time.time() - sitting, sitting_steps))
                 log(logs, step)
+            stop = outcome.stop  # a SIGTERM during a mid-training evaluation stops it too
             if args.eval_steps and step % args.eval_steps == 0 and not last:
-                outcome.stop |= not evaluate_student(accelerator, student, loaders, info, nets, step, log)
-            stop_reason = utils.stop_cause() if outcome.stop else None
+                stop |= not evaluate_student(accelerator, student, loaders, info, nets, step, log)
+            stop_reason = utils.stop_cause() if stop else None
             if (plan.checkpoint_every and step % plan.checkpoint_every == 0) or stop_reason:
                 path = utils.save_checkpoint(accelerator, student, run, state, extra, args.checkpoints_total_limit)
                 logger.info(f"saved {path}")

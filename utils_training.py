@@ -519,6 +519,16 @@ def _is_weights(name: str) -> bool:
     return name.endswith(".safetensors") or name.startswith(("model.safetensors.index", "pytorch_model"))
 
 
+def write_json(path: Path, obj: object) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (a temporary file, then a rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _finish_interrupted_writes(out: Path) -> None:
     """Clear a half-written checkpoint (``.tmp-*``), a half-done rotation (``.del-*``) or export
     (``.export-tmp``); finish an export that was being moved into place (``.export-ready``)."""
@@ -844,9 +854,8 @@ def resume_or_start(accelerator: Accelerator, run: Run, resume: str | None, sche
     run.run_id = run.run_id or uuid.uuid4().hex
     error = None
     if accelerator.is_main_process:
-        try:  # atomically: a temporary file, then a rename
-            (run.output_dir / f".{RUN_FILE}.tmp").write_text(json.dumps(run.record(), indent=2))
-            os.replace(run.output_dir / f".{RUN_FILE}.tmp", run.output_dir / RUN_FILE)
+        try:
+            write_json(run.output_dir / RUN_FILE, run.record())
         except OSError as err:
             error = err
     after_write(accelerator, error, f"the run's record ({RUN_FILE})", run.output_dir, 2**16)

@@ -8,7 +8,6 @@ import json
 import shutil
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pyarrow.parquet as pq
 import pytest

@@ -43,9 +43,11 @@ def launcher_cmd(args, nproc: int = 1) -> list:
     return cmd + [str(ROOT / "train_icsd.py"), *map(str, args)]
 
 
-def launch(args, *, nproc: int = 1, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run train_icsd.py under `accelerate launch` on the CPU; with ``check``, fail the test on a non-zero exit."""
-    threads = "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")
+def launch(args, *, nproc: int = 1, check: bool = True, timeout: int = 300,
+           threads: int | None = None) -> subprocess.CompletedProcess:
+    """Run train_icsd.py under `accelerate launch` on the CPU (``threads`` per process: 1 with several processes,
+    else $OMP_NUM_THREADS or 2); with ``check``, fail the test on a non-zero exit."""
+    threads = str(threads or (1 if nproc > 1 else os.environ.get("OMP_NUM_THREADS", 2)))
     env = dict(ENV, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS=threads)
     proc = subprocess.run(launcher_cmd(args, nproc), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -6,15 +6,15 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import datasets
 import numpy as np
 
-# Label values the renderer paints, in the order of data.SYNTHETIC_CLASSES
-# (tests/test_synthetic.py checks that the two agree). 255 marks ignored outlines.
+# Label values the renderer paints, in the order of data.SYNTHETIC_CLASSES (tests/test_synthetic.py checks that the
+# two agree). 255 marks ignored outlines.
 SKY, BUILDING, ROAD, SIDEWALK, VEGETATION, CAR, PERSON, POLE, SIGN = range(9)
 IGNORE = 255
 
@@ -22,23 +22,18 @@ IGNORE = 255
 def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int) -> np.ndarray:
     """(H, W) float32 noise, bilinearly interpolated from a (cells+1)^2 random grid."""
     grid = rng.standard_normal((cells + 1, cells + 1)).astype(np.float32)
-    ys = np.linspace(0, cells, height, dtype=np.float32)
-    xs = np.linspace(0, cells, width, dtype=np.float32)
-    y0 = np.minimum(ys.astype(np.int64), cells - 1)
-    x0 = np.minimum(xs.astype(np.int64), cells - 1)
-    wy = (ys - y0)[:, None]
-    wx = (xs - x0)[None, :]
-    top = grid[y0][:, x0] * (1 - wx) + grid[y0][:, x0 + 1] * wx
-    bottom = grid[y0 + 1][:, x0] * (1 - wx) + grid[y0 + 1][:, x0 + 1] * wx
-    return top * (1 - wy) + bottom * wy
+    ys, xs = np.linspace(0, cells, height, dtype=np.float32), np.linspace(0, cells, width, dtype=np.float32)
+    y0, x0 = np.minimum(ys.astype(np.int64), cells - 1), np.minimum(xs.astype(np.int64), cells - 1)
+    wy, wx = (ys - y0)[:, None], (xs - x0)[None, :]
+    columns = grid[:, x0] * (1 - wx) + grid[:, x0 + 1] * wx  # along x for every grid row, then along y
+    return columns[y0] * (1 - wy) + columns[y0 + 1] * wy
 
 
 class _Canvas:
     """Image/label buffers plus pixel coordinates; drawing is confined to windows for speed."""
 
     def __init__(self, rng: np.random.Generator, height: int, width: int):
-        self.rng = rng
-        self.h, self.w = height, width
+        self.rng, self.h, self.w = rng, height, width
         self.yy, self.xx = np.mgrid[0:height, 0:width].astype(np.float32)
         self.image = np.zeros((height, width, 3), dtype=np.float32)
         self.label = np.zeros((height, width), dtype=np.uint8)
@@ -62,12 +57,18 @@ class _Canvas:
         pixels = colour[mask] if colour.ndim == 3 else np.broadcast_to(colour, (int(mask.sum()), 3))
         if grain > 0:
             pixels = pixels + self.rng.normal(0.0, grain, size=pixels.shape).astype(np.float32)
-        self.image[box][mask] = pixels
-        self.label[box][mask] = cls
+        self.image[box][mask], self.label[box][mask] = pixels, cls
+
+    def bar(self, x0: float, half_width: float, base_y: float, height: float, colour: Sequence[float], cls: int,
+            jitter: float) -> None:
+        """A vertical bar (a trunk, a pole) standing on row ``base_y``; its colour is drawn only if it is seen."""
+        if (win := self.window(base_y - height, base_y, x0 - half_width, x0 + half_width)) is not None:
+            box, wy, wx = win
+            bar = (np.abs(wx - x0) < half_width) & (wy <= base_y) & (wy > base_y - height)
+            self.paint(box, bar, _jitter(self.rng, colour, jitter), cls, grain=0.03 if cls == VEGETATION else 0.02)
 
 
-@dataclass(frozen=True)
-class _Street:
+class _Street(NamedTuple):
     """The road per image row, (H,) arrays: ``depth`` 0 at the horizon and 1 at the bottom, ``centre`` the road's
     centre x, ``half`` its half width, ``walk`` the sidewalk width."""
 
@@ -102,55 +103,48 @@ def _random_hue(rng: np.random.Generator, saturation: tuple[float, float], value
 def render_synthetic_scene(seed: int, index: int, height: int = 128, width: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """One road scene: image (H, W, 3) uint8 RGB, label (H, W) uint8 in ``SKY``..``SIGN`` (0..8) or 255.
 
-    Sky above buildings (window grids), a road in perspective with lane markings, sidewalks and verges; cars on
-    the road, people on the sidewalks, poles (often with a sign) at the kerb, trees on the verge, nearer ones
-    larger and in front. Colours are drawn per scene and object (grey cars on grey roads, skies as grey as
-    concrete) with smooth and per-pixel noise, so colour alone does not give the class away. Car and person
-    outlines are 255 (ignored), like annotation edges in real data.
+    Colours are drawn per scene and object (grey cars on grey roads, skies as grey as concrete) with smooth and
+    per-pixel noise, so that colour alone does not give the class away; nearer objects are larger and in front.
+    Car and person outlines are 255 (ignored), like annotation edges in real data.
     """
     # The random draws happen in a fixed order (sky, buildings, road, objects, noise):
     # reordering them would change every scene of a given seed.
     rng = np.random.default_rng([int(seed), int(index)])
     canvas = _Canvas(rng, height, width)
-    coarse = _smooth_noise(rng, height, width, 6)
-    fine = _smooth_noise(rng, height, width, max(8, width // 5))
+    coarse, fine = _smooth_noise(rng, height, width, 6), _smooth_noise(rng, height, width, max(8, width // 5))
     horizon = height * rng.uniform(0.36, 0.56)
     _draw_sky(canvas, horizon, coarse)
     _draw_buildings(canvas, horizon, coarse)
     street = _draw_ground(canvas, horizon, coarse, fine)
-    outlined = _draw_objects(canvas, street, fine)
-    return _finish(canvas, outlined)
+    return _finish(canvas, _draw_objects(canvas, street, fine))
 
 
 def _draw_sky(c: _Canvas, horizon: float, coarse: np.ndarray) -> None:
     """Clear, overcast or dusk gradient with cloud-like noise, over the whole image."""
-    top, bottom = (
-        ((0.25, 0.45, 0.85), (0.65, 0.78, 0.95)),
-        ((0.55, 0.57, 0.6), (0.75, 0.76, 0.78)),
-        ((0.35, 0.3, 0.55), (0.95, 0.6, 0.4)),
-    )[int(c.rng.integers(3))]
+    top, bottom = (((0.25, 0.45, 0.85), (0.65, 0.78, 0.95)), ((0.55, 0.57, 0.6), (0.75, 0.76, 0.78)),
+                   ((0.35, 0.3, 0.55), (0.95, 0.6, 0.4)))[int(c.rng.integers(3))]
     t = (c.yy / max(horizon, 1.0)).clip(0, 1)[..., None]
     sky = _jitter(c.rng, top, 0.08) * (1 - t) + _jitter(c.rng, bottom, 0.08) * t + 0.06 * coarse[..., None]
     c.paint((slice(0, c.h), slice(0, c.w)), np.ones((c.h, c.w), dtype=bool), sky, SKY, grain=0.01)
 
 
+_FACADES = ((0.55, 0.3, 0.25), (0.78, 0.7, 0.55), (0.5, 0.5, 0.52), (0.68, 0.68, 0.66), (0.45, 0.55, 0.65),
+            (0.35, 0.3, 0.28))
+
+
 def _draw_buildings(c: _Canvas, horizon: float, coarse: np.ndarray) -> None:
-    """Buildings along the horizon, with gaps of sky between some of them."""
+    """Buildings along the horizon, with window grids or stripes, and gaps of sky between some of them."""
     rng, w, h = c.rng, c.w, c.h
-    palette = ((0.55, 0.3, 0.25), (0.78, 0.7, 0.55), (0.5, 0.5, 0.52), (0.68, 0.68, 0.66),
-               (0.45, 0.55, 0.65), (0.35, 0.3, 0.28))
     x = -rng.uniform(0, 0.1) * w
     while x < w:
         if rng.uniform() < 0.15:
             x += rng.uniform(0.03, 0.1) * w
             continue
-        bw = rng.uniform(0.12, 0.35) * w
-        roof = horizon * (1 - rng.uniform(0.3, 1.0))
-        win = c.window(roof, horizon + 1, x, x + bw)
-        if win is not None:
+        bw, roof = rng.uniform(0.12, 0.35) * w, horizon * (1 - rng.uniform(0.3, 1.0))
+        if (win := c.window(roof, horizon + 1, x, x + bw)) is not None:
             box, by, bx = win
             mask = (bx >= x) & (bx < x + bw) & (by >= roof) & (by < horizon + 1)
-            base = _jitter(rng, palette[int(rng.integers(len(palette)))], 0.08)
+            base = _jitter(rng, _FACADES[int(rng.integers(len(_FACADES)))], 0.08)
             facade = base + 0.05 * coarse[box][..., None] * rng.choice((-1.0, 1.0))
             if rng.uniform() < 0.8:
                 px, py = rng.uniform(0.04, 0.08) * w, rng.uniform(0.05, 0.09) * h
@@ -159,8 +153,7 @@ def _draw_buildings(c: _Canvas, horizon: float, coarse: np.ndarray) -> None:
                 glass = _jitter(rng, (0.15, 0.18, 0.25) if rng.uniform() < 0.6 else (0.6, 0.75, 0.85), 0.07)
                 facade = np.where(windows[..., None], glass, facade)
             else:
-                stripes = np.mod(bx - x, rng.uniform(2.0, 5.0)) < 1.0
-                facade = facade - 0.06 * stripes[..., None]
+                facade = facade - 0.06 * (np.mod(bx - x, rng.uniform(2.0, 5.0)) < 1.0)[..., None]
             c.paint(box, mask, facade, BUILDING, grain=0.02)
         x += bw
 
@@ -168,35 +161,31 @@ def _draw_buildings(c: _Canvas, horizon: float, coarse: np.ndarray) -> None:
 def _draw_ground(c: _Canvas, horizon: float, coarse: np.ndarray, fine: np.ndarray) -> _Street:
     """Perspective road with lane markings, kerbs, sidewalks and an optional grass verge."""
     rng, h, w = c.rng, c.h, c.w
-    row = np.arange(h, dtype=np.float32)
-    depth_row = ((row - horizon) / max(h - horizon, 1.0)).clip(0, 1)
+    depth_row = ((np.arange(h, dtype=np.float32) - horizon) / max(h - horizon, 1.0)).clip(0, 1)
     vanish_x = rng.uniform(0.35, 0.65) * w
     bottom_x = vanish_x + rng.uniform(-0.15, 0.15) * w
-    centre_row = vanish_x + (bottom_x - vanish_x) * depth_row
     half_row = rng.uniform(0.01, 0.04) * w + rng.uniform(0.3, 0.55) * w * depth_row
-    walk_row = half_row * rng.uniform(0.35, 0.9) + 2.0
-    street = _Street(horizon, depth_row, centre_row, half_row, walk_row)
-    g0 = int(math.ceil(horizon))
-    if g0 >= h:
+    street = _Street(horizon, depth_row, vanish_x + (bottom_x - vanish_x) * depth_row, half_row,
+                     half_row * rng.uniform(0.35, 0.9) + 2.0)
+    if (g0 := int(math.ceil(horizon))) >= h:
         return street
     box = (slice(g0, h), slice(0, w))
     gy, gx = c.yy[box], c.xx[box]
-    depth, half, walk = depth_row[g0:, None], half_row[g0:, None], walk_row[g0:, None]
-    dist = np.abs(gx - centre_row[g0:, None])
+    depth, half, walk = depth_row[g0:, None], half_row[g0:, None], street.walk[g0:, None]
+    dist = np.abs(gx - street.centre[g0:, None])
     road = dist < half
     pavement = _jitter(rng, ((0.62, 0.62, 0.6), (0.72, 0.66, 0.55), (0.6, 0.45, 0.4))[int(rng.integers(3))], 0.06)
     tile = rng.uniform(3.0, 7.0)
     tiles = (np.mod(gx, tile) < 0.8) | (np.mod(gy, tile * 0.6) < 0.8)
     kerb = (dist >= half) & (dist < half + 1.0 + depth * 0.02 * w)
     paving = np.where(kerb[..., None], np.clip(pavement + 0.12, 0, 1), pavement - 0.07 * tiles[..., None])
-    verge = bool(rng.uniform() < 0.45)
-    side = ~road & (dist < half + walk) if verge else ~road
+    side = ~road & (dist < half + walk) if (verge := bool(rng.uniform() < 0.45)) else ~road
     c.paint(box, side, paving, SIDEWALK, grain=0.025)
     if verge:
-        grass = _jitter(rng, (0.3, 0.5, 0.2), 0.08) + 0.08 * fine[box][..., None]
-        c.paint(box, ~road & ~side, grass, VEGETATION, grain=0.06)
-    grey = rng.uniform(0.18, 0.45)
-    asphalt = np.float32(grey) + rng.uniform(-0.03, 0.03, 3).astype(np.float32) + 0.04 * coarse[box][..., None]
+        c.paint(box, ~road & ~side, _jitter(rng, (0.3, 0.5, 0.2), 0.08) + 0.08 * fine[box][..., None], VEGETATION,
+                grain=0.06)
+    asphalt = (np.float32(rng.uniform(0.18, 0.45)) + rng.uniform(-0.03, 0.03, 3).astype(np.float32)
+               + 0.04 * coarse[box][..., None])
     dashes = (np.sin(rng.uniform(2.0, 4.0) / (depth + 0.04)) > 0.1) & (dist < 0.4 + 0.012 * w * depth)
     marking = np.asarray((0.9, 0.9, 0.88) if rng.uniform() < 0.7 else (0.9, 0.8, 0.3), dtype=np.float32)
     c.paint(box, road, np.where(dashes[..., None], marking, asphalt), ROAD, grain=0.03)
@@ -205,158 +194,116 @@ def _draw_ground(c: _Canvas, horizon: float, coarse: np.ndarray, fine: np.ndarra
 
 def _draw_objects(c: _Canvas, street: _Street, fine: np.ndarray) -> np.ndarray:
     """Trees, poles, cars and people, far first so nearer ones occlude; returns the (H, W) outlined mask."""
-    rng = c.rng
-    horizon = street.horizon
+    rng, horizon = c.rng, street.horizon
     span = max(c.h - horizon, 1.0)
-    objects: list[tuple[float, str]] = []
-    objects += [(horizon + rng.uniform(0.05, 0.7) * span, "tree") for _ in range(rng.integers(0, 4))]
-    objects += [(horizon + rng.uniform(0.1, 0.95) * span, "pole") for _ in range(rng.integers(1, 4))]
-    objects += [(horizon + rng.uniform(0.08, 1.1) * span, "car") for _ in range(rng.integers(0, 5))]
-    objects += [(horizon + rng.uniform(0.05, 1.0) * span, "person") for _ in range(rng.integers(0, 6))]
-    objects.sort(key=lambda item: item[0])
-
+    # Per kind: where its base row lies (as a share of the rows below the horizon), fewest and most + 1 of them.
+    kinds = ((_draw_tree, 0.05, 0.7, 0, 4), (_draw_pole, 0.1, 0.95, 1, 4), (_draw_car, 0.08, 1.1, 0, 5),
+             (_draw_person, 0.05, 1.0, 0, 6))
+    objects = [(horizon + rng.uniform(lo, hi) * span, draw) for draw, lo, hi, fewest, most in kinds
+               for _ in range(rng.integers(fewest, most))]
     outlined = np.zeros((c.h, c.w), dtype=bool)  # cars and people: their edges become ignore
-    draw = {"tree": _draw_tree, "pole": _draw_pole, "car": _draw_car, "person": _draw_person}
-    for base_y, kind in objects:
-        draw[kind](c, street, base_y, fine if kind == "tree" else outlined)
+    for base_y, draw in sorted(objects, key=lambda item: item[0]):
+        draw(c, street, base_y, fine if draw is _draw_tree else outlined)
     return outlined
 
 
 def _draw_tree(c: _Canvas, street: _Street, base_y: float, fine: np.ndarray) -> None:
     """A trunk and a crown of overlapping discs on the verge, standing at row ``base_y``."""
-    rng, h, w = c.rng, c.h, c.w
-    scale = 0.15 + 0.85 * street.at_row(base_y)[0]
+    rng, scale = c.rng, 0.15 + 0.85 * street.at_row(base_y)[0]
     x0 = street.beside_road(rng, base_y, 0.5, 1.6)
-    trunk_h, trunk_w = 0.35 * h * scale, max(1.0, 0.02 * w * scale)
-    win = c.window(base_y - trunk_h, base_y, x0 - trunk_w, x0 + trunk_w)
-    if win is not None:
-        box, wy, wx = win
-        trunk = (np.abs(wx - x0) < trunk_w) & (wy <= base_y) & (wy > base_y - trunk_h)
-        c.paint(box, trunk, _jitter(rng, (0.35, 0.25, 0.15), 0.05), VEGETATION, grain=0.03)
-    radius = 0.12 * h * scale
+    trunk_h, radius = 0.35 * c.h * scale, 0.12 * c.h * scale
+    c.bar(x0, max(1.0, 0.02 * c.w * scale), base_y, trunk_h, (0.35, 0.25, 0.15), VEGETATION, 0.05)
     crown_y = base_y - trunk_h
-    win = c.window(crown_y - 1.8 * radius, crown_y + 1.4 * radius, x0 - 2 * radius, x0 + 2 * radius)
-    if win is not None:
-        box, wy, wx = win
-        canopy = np.zeros(wy.shape, dtype=bool)
-        for _ in range(rng.integers(2, 5)):
-            oy = crown_y - rng.uniform(-0.3, 0.6) * radius
-            ox = x0 + rng.uniform(-0.8, 0.8) * radius
-            r = radius * rng.uniform(0.6, 1.1)
-            canopy |= (wy - oy) ** 2 + (wx - ox) ** 2 < r * r
-        leaves = _jitter(rng, (0.2, 0.45, 0.15), 0.1) + 0.12 * fine[box][..., None]
-        c.paint(box, canopy, leaves, VEGETATION, grain=0.08)
+    if (win := c.window(crown_y - 1.8 * radius, crown_y + 1.4 * radius, x0 - 2 * radius, x0 + 2 * radius)) is None:
+        return
+    box, wy, wx = win
+    canopy = np.zeros(wy.shape, dtype=bool)
+    for _ in range(rng.integers(2, 5)):
+        oy, ox = crown_y - rng.uniform(-0.3, 0.6) * radius, x0 + rng.uniform(-0.8, 0.8) * radius
+        r = radius * rng.uniform(0.6, 1.1)
+        canopy |= (wy - oy) ** 2 + (wx - ox) ** 2 < r * r
+    c.paint(box, canopy, _jitter(rng, (0.2, 0.45, 0.15), 0.1) + 0.12 * fine[box][..., None], VEGETATION, grain=0.08)
+
+
+_SIGN_FACES = ((0.85, 0.1, 0.1), (0.1, 0.3, 0.8), (0.95, 0.8, 0.1), (0.92, 0.92, 0.92))
 
 
 def _draw_pole(c: _Canvas, street: _Street, base_y: float, _unused: np.ndarray) -> None:
     """A pole at the kerb, often topped by a round, square or triangular sign."""
-    rng, h, w = c.rng, c.h, c.w
-    d = street.at_row(base_y)[0]
+    rng, d = c.rng, street.at_row(base_y)[0]
     scale = 0.15 + 0.85 * d
-    x0 = street.beside_road(rng, base_y, 0.05, 0.3)
-    pole_h, pole_w = (0.3 + 0.4 * d) * h, max(0.6, 0.008 * w * scale)
-    win = c.window(base_y - pole_h, base_y, x0 - pole_w, x0 + pole_w)
-    if win is not None:
-        box, wy, wx = win
-        pole = (np.abs(wx - x0) < pole_w) & (wy <= base_y) & (wy > base_y - pole_h)
-        c.paint(box, pole, _jitter(rng, (0.3, 0.3, 0.32), 0.12), POLE, grain=0.02)
+    x0, pole_h = street.beside_road(rng, base_y, 0.05, 0.3), (0.3 + 0.4 * d) * c.h
+    c.bar(x0, max(0.6, 0.008 * c.w * scale), base_y, pole_h, (0.3, 0.3, 0.32), POLE, 0.12)
     if rng.uniform() >= 0.65:
         return
-    size = max(1.5, 0.05 * h * scale)
-    sy, sx = base_y - pole_h + size, x0
-    shape = int(rng.integers(3))
-    face = ((0.85, 0.1, 0.1), (0.1, 0.3, 0.8), (0.95, 0.8, 0.1), (0.92, 0.92, 0.92))
-    colour = _jitter(rng, face[int(rng.integers(len(face)))], 0.06)
-    win = c.window(sy - size, sy + size, sx - size, sx + size)
-    if win is None:
+    size = max(1.5, 0.05 * c.h * scale)
+    sy, sx, shape = base_y - pole_h + size, x0, int(rng.integers(3))
+    colour = _jitter(rng, _SIGN_FACES[int(rng.integers(len(_SIGN_FACES)))], 0.06)
+    if (win := c.window(sy - size, sy + size, sx - size, sx + size)) is None:
         return
     box, wy, wx = win
-    if shape == 0:
-        sign = (wy - sy) ** 2 + (wx - sx) ** 2 < size * size
-    elif shape == 1:
-        sign = (np.abs(wy - sy) < size) & (np.abs(wx - sx) < size)
-    else:
-        sign = (wy > sy - size) & (wy < sy + size) & (np.abs(wx - sx) < (wy - sy + size) * 0.6)
+    sign = ((wy - sy) ** 2 + (wx - sx) ** 2 < size * size, (np.abs(wy - sy) < size) & (np.abs(wx - sx) < size),
+            (wy > sy - size) & (wy < sy + size) & (np.abs(wx - sx) < (wy - sy + size) * 0.6))[shape]
     inner = (np.abs(wy - sy) < size * 0.3) & (np.abs(wx - sx) < size * 0.5)
     c.paint(box, sign, np.where(inner[..., None], 1.0 - colour, colour), SIGN, grain=0.02)
 
 
 def _draw_car(c: _Canvas, street: _Street, base_y: float, outlined: np.ndarray) -> None:
     """A car on the road (body, cabin, windows, wheels); marks its pixels in ``outlined``."""
-    rng, w = c.rng, c.w
-    d, cx, hw, _ = street.at_row(base_y)
+    rng, (d, cx, hw, _) = c.rng, street.at_row(base_y)
     x0 = cx + rng.uniform(-0.75, 0.75) * hw
-    car_w = (0.08 + 0.42 * d) * w
-    car_h = car_w * rng.uniform(0.45, 0.65)
-    wheel_r = car_w * 0.11
+    car_w = (0.08 + 0.42 * d) * c.w
+    car_h, wheel_r = car_w * rng.uniform(0.45, 0.65), car_w * 0.11
     paint = _random_hue(rng, (0.0, 0.9), (0.15, 0.95))
-    win = c.window(base_y - car_h, base_y + wheel_r, x0 - car_w / 2, x0 + car_w / 2)
-    if win is None:
+    if (win := c.window(base_y - car_h, base_y + wheel_r, x0 - car_w / 2, x0 + car_w / 2)) is None:
         return
     box, wy, wx = win
     body = (np.abs(wx - x0) < car_w / 2) & (wy <= base_y) & (wy > base_y - car_h * 0.6)
     cabin = (np.abs(wx - x0) < car_w * 0.33) & (wy <= base_y - car_h * 0.55) & (wy > base_y - car_h)
     glass = (np.abs(wx - x0) < car_w * 0.28) & (wy <= base_y - car_h * 0.6) & (wy > base_y - car_h * 0.92)
     wheels = (((wx - (x0 - car_w * 0.3)) ** 2 + (wy - base_y) ** 2 < wheel_r ** 2) |
-              ((wx - (x0 + car_w * 0.3)) ** 2 + (wy - base_y) ** 2 < wheel_r ** 2))
-    wheels &= wy <= base_y + car_w * 0.05
-    car = body | cabin | wheels
+              ((wx - (x0 + car_w * 0.3)) ** 2 + (wy - base_y) ** 2 < wheel_r ** 2)) & (wy <= base_y + car_w * 0.05)
     colours = np.where(glass[..., None], np.float32((0.2, 0.25, 0.3)), paint)
-    colours = np.where(wheels[..., None], np.float32((0.05, 0.05, 0.05)), colours)
-    c.paint(box, car, colours, CAR, grain=0.02)
+    c.paint(box, car := body | cabin | wheels, np.where(wheels[..., None], np.float32((0.05, 0.05, 0.05)), colours),
+            CAR, grain=0.02)
     outlined[box] |= car
 
 
 def _draw_person(c: _Canvas, street: _Street, base_y: float, outlined: np.ndarray) -> None:
     """A person on the sidewalk (legs, torso, head); marks its pixels in ``outlined``."""
-    rng, h = c.rng, c.h
-    d = street.at_row(base_y)[0]
-    x0 = street.beside_road(rng, base_y, 0.1, 0.95)
-    ph = (0.1 + 0.3 * d) * h
-    pw = ph * rng.uniform(0.22, 0.32)
-    head_r = ph * 0.1
+    rng, d = c.rng, street.at_row(base_y)[0]
+    x0, ph = street.beside_road(rng, base_y, 0.1, 0.95), (0.1 + 0.3 * d) * c.h
+    pw, head_r = ph * rng.uniform(0.22, 0.32), ph * 0.1
     skin = _jitter(rng, ((0.9, 0.75, 0.6), (0.6, 0.42, 0.3), (0.35, 0.25, 0.18))[int(rng.integers(3))], 0.05)
-    shirt = _random_hue(rng, (0.2, 1.0), (0.2, 0.95))
-    trousers = _random_hue(rng, (0.0, 0.6), (0.1, 0.5))
-    win = c.window(base_y - ph, base_y, x0 - pw / 2, x0 + pw / 2)
-    if win is None:
+    shirt, trousers = _random_hue(rng, (0.2, 1.0), (0.2, 0.95)), _random_hue(rng, (0.0, 0.6), (0.1, 0.5))
+    if (win := c.window(base_y - ph, base_y, x0 - pw / 2, x0 + pw / 2)) is None:
         return
     box, wy, wx = win
     legs = (np.abs(wx - x0) < pw * 0.35) & (wy <= base_y) & (wy > base_y - ph * 0.45)
     torso = (np.abs(wx - x0) < pw / 2) & (wy <= base_y - ph * 0.45) & (wy > base_y - ph * 0.8)
     head = (wy - (base_y - ph * 0.88)) ** 2 + (wx - x0) ** 2 < head_r * head_r
-    person = legs | torso | head
     colours = np.where(torso[..., None], shirt, np.where(legs[..., None], trousers, skin))
-    c.paint(box, person, colours, PERSON, grain=0.03)
+    c.paint(box, person := legs | torso | head, colours, PERSON, grain=0.03)
     outlined[box] |= person
 
 
 def _finish(c: _Canvas, outlined: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Ignore band on outlines, then global gain, offset and sensor noise; uint8 image and label."""
-    rng = c.rng
     # 1-px ignore band where a car or person meets anything else (annotation edges).
-    label = c.label
-    edge = np.zeros((c.h, c.w), dtype=bool)
+    label, edge = c.label, np.zeros((c.h, c.w), dtype=bool)
     edge[1:, :] |= label[1:, :] != label[:-1, :]
     edge[:, 1:] |= label[:, 1:] != label[:, :-1]
     label = np.where(edge & outlined, np.uint8(IGNORE), label)
-
-    gain, offset = rng.uniform(0.8, 1.2), rng.uniform(-0.06, 0.06)
-    image = c.image * gain + offset + rng.normal(0.0, rng.uniform(0.01, 0.04), c.image.shape).astype(np.float32)
+    gain, offset = c.rng.uniform(0.8, 1.2), c.rng.uniform(-0.06, 0.06)
+    image = c.image * gain + offset + c.rng.normal(0.0, c.rng.uniform(0.01, 0.04), c.image.shape).astype(np.float32)
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), label.astype(np.uint8)
 
 
-class SyntheticRenderer:
-    """``with_transform`` callable turning a batch of ``{"index": [...]}`` into scenes (a class, not a closure,
-    so that DataLoader workers can pickle it under any start method)."""
-
-    def __init__(self, seed: int, height: int, width: int):
-        self.seed, self.height, self.width = int(seed), int(height), int(width)
-
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        """Render the batch's scenes: ``{"index", "image" (H, W, 3) uint8, "label" (H, W) uint8}`` lists."""
-        scenes = [render_synthetic_scene(self.seed, index, self.height, self.width) for index in batch["index"]]
-        return {"index": list(batch["index"]), "image": [s[0] for s in scenes], "label": [s[1] for s in scenes]}
+def _render_batch(seed: int, height: int, width: int, batch: dict[str, list]) -> dict[str, list]:
+    """``with_transform``'s callable (bound by a picklable ``functools.partial``, which DataLoader workers need
+    under any start method): ``{"index", "image" (H, W, 3) uint8, "label" (H, W) uint8}`` lists."""
+    scenes = [render_synthetic_scene(seed, index, height, width) for index in batch["index"]]
+    return {"index": list(batch["index"]), "image": [s[0] for s in scenes], "label": [s[1] for s in scenes]}
 
 
 def make_synthetic_splits(num_train: int = 512, num_eval: int = 64, *, height: int = 128, width: int = 128,
@@ -368,7 +315,7 @@ def make_synthetic_splits(num_train: int = 512, num_eval: int = 64, *, height: i
         raise ValueError(f"synthetic splits need at least one scene each, got {num_train} train / {num_eval} eval")
     if height < 16 or width < 16:
         raise ValueError(f"synthetic scenes must be at least 16x16, got {height}x{width}")
-    renderer = SyntheticRenderer(seed, height, width)
+    renderer = functools.partial(_render_batch, int(seed), int(height), int(width))
     train = datasets.Dataset.from_dict({"index": list(range(num_train))}, split="train")
     evaluation = datasets.Dataset.from_dict({"index": list(range(num_train, num_train + num_eval))}, split="validation")
     return train.with_transform(renderer), evaluation.with_transform(renderer)

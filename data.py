@@ -35,7 +35,7 @@ LABEL_COLUMN_CANDIDATES = ("label", "mask", "annotation", "semantic_segmentation
 NAME_COLUMN_CANDIDATES = ("name", "filename", "file_name", "image_id", "id", "path")
 VALIDATION_SPLIT_CANDIDATES = ("validation", "val", "valid", "test")
 # Image/mask folders (README "Your own data"): the folder names, the files each holds, how a mask's name may end.
-IMAGE_FOLDERS, MASK_FOLDERS = ("images", "img_dir"), ("masks", "annotations", "ann_dir")
+FOLDER_NAMES = (IMAGE_FOLDERS, MASK_FOLDERS) = ("images", "img_dir"), ("masks", "annotations", "ann_dir")
 IMAGE_SUFFIXES, MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"), (".png", ".bmp", ".tif", ".tiff")
 MASK_STEM_ENDINGS = ("", "_mask", "_label", "_gt")
 SPLIT_FOLDER_NAMES = {"training": "train"}  # ADE20K's ADEChallengeData2016/images/training
@@ -225,17 +225,15 @@ def _open_pil(value: Any, what: str) -> Image.Image:
     if not isinstance(value, (str, os.PathLike, bytes, bytearray)):
         raise BadSampleError(f"{what}: no image bytes or path, but a {type(value).__name__}")
     try:
-        image = Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value)
-        image.load()  # truncated or corrupt files fail here, not later
-        return image
+        (image := Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value)).load()
+        return image  # truncated or corrupt files fail in load(), not later
     except Exception as err:
         raise BadSampleError(f"{what}: cannot decode image ({type(err).__name__}: {err})") from None
 
 
 def _pillow_pixels(image: Image.Image) -> np.ndarray:
-    """The pixels of a loaded "RGB", "L" or "P" image, shared with Pillow where it can (then read-only): Pillow
-    11.2+ exports an image whose rows lie in one block through the Arrow C data interface, "RGB" as (H, W, 4),
-    the way it stores it (the 4th byte unused), "L" and "P" as (H, W). Otherwise a copy."""
+    """A loaded "RGB" image's pixels as (H, W, 4) (the 4th byte unused, as Pillow stores them), "L"/"P" as (H, W):
+    shared with Pillow through the Arrow C data interface (11.2+, rows in one block), then read-only; else a copy."""
     if hasattr(image, "__arrow_c_array__"):
         width, height = image.size
         try:
@@ -258,9 +256,8 @@ def _to_uint8(array: np.ndarray, what: str) -> np.ndarray:
     if not np.issubdtype(array.dtype, np.integer):
         raise BadSampleError(f"{what}: unsupported pixel type {array.dtype}")
     wide = array.astype(np.int64)
-    if (array.dtype.kind == "u" and array.dtype.itemsize == 2) or int(wide.max(initial=0)) > 255:
-        wide = wide // 257
-    return np.clip(wide, 0, 255).astype(np.uint8)
+    sixteen_bits = array.dtype == np.uint16 or int(wide.max(initial=0)) > 255
+    return np.clip(wide // 257 if sixteen_bits else wide, 0, 255).astype(np.uint8)
 
 
 def decode_image(value: Any, what: str = "image", rgbx: bool = False) -> np.ndarray:
@@ -272,10 +269,9 @@ def decode_image(value: Any, what: str = "image", rgbx: bool = False) -> np.ndar
     if isinstance(value, (np.ndarray, torch.Tensor)):
         array = np.asarray(value)
         array = np.repeat(array[:, :, None], 3, axis=2) if array.ndim == 2 else array
-        array = array[:, :, :3] if array.ndim == 3 and array.shape[2] == 4 else array
-        if array.ndim != 3 or array.shape[2] != 3:
+        if array.ndim != 3 or array.shape[2] not in (3, 4):
             raise BadSampleError(f"{what}: expected an (H, W, 3) array, got shape {np.shape(value)}")
-        return _to_uint8(array, what)
+        return _to_uint8(array[:, :, :3], what)
     image = _open_pil(value, what)
     if image.mode.startswith("I") or image.mode == "F":
         return np.repeat(_to_uint8(np.asarray(image), what)[:, :, None], 3, axis=2)
@@ -381,11 +377,10 @@ def _load_dataset(path: str, config_name: str | None, hub_kwargs: dict[str, str]
         if not local.is_dir():
             raise DataError(f"dataset folder {path!r} does not exist (or is a file): check the path")
         path = str(local)
-        folders = _image_mask_splits(local)
-        if folders is not None and config_name is not None:
-            raise DataError(f"{path!r} is a folder of images and masks, which has no configurations: drop "
-                            "--dataset_config_name")
-        if folders is not None:
+        if (folders := _image_mask_splits(local)) is not None:
+            if config_name is not None:
+                raise DataError(f"{path!r} is a folder of images and masks, which has no configurations: drop "
+                                "--dataset_config_name")
             return folders
         _check_parquet_files(local)
     try:
@@ -431,8 +426,7 @@ def _image_mask_splits(root: Path) -> datasets.DatasetDict | None:
     ``image`` and ``label`` columns of file paths and ``name`` (the path below the split without its suffix), as
     undecoded as a Hub dataset's; None for any other folder."""
     def pair_in(folder: Path) -> tuple[Path, Path] | None:
-        found = [next((folder / n for n in names if (folder / n).is_dir()), None) for names in (IMAGE_FOLDERS,
-                                                                                                 MASK_FOLDERS)]
+        found = [next((folder / n for n in names if (folder / n).is_dir()), None) for names in FOLDER_NAMES]
         return (found[0], found[1]) if all(found) else None
 
     if (pair := pair_in(root)) is None:
@@ -441,8 +435,7 @@ def _image_mask_splits(root: Path) -> datasets.DatasetDict | None:
         inner = sorted(p.name for p in pair[0].iterdir() if p.is_dir() and not p.name.startswith("."))
         flat = not inner or any(p.suffix.lower() in IMAGE_SUFFIXES for p in pair[0].iterdir())
         splits = {"train": pair} if flat else {name: (pair[0] / name, pair[1] / name) for name in inner}
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image(), 
-                                  "name": datasets.Value("string")})
+    features = datasets.Features(image=datasets.Image(), label=datasets.Image(), name=datasets.Value("string"))
     return datasets.DatasetDict({SPLIT_FOLDER_NAMES.get(name, name): datasets.Dataset.from_dict(
         _pair_files(*folders), features=features, split=SPLIT_FOLDER_NAMES.get(name, name))
         for name, folders in splits.items()}) if splits else None
@@ -615,10 +608,9 @@ def check_split_sizes(train: Sequence, evaluation: Sequence, train_batch_size: i
     if len(evaluation) == 0:
         raise DataError("the evaluation split is empty: check --validation_split and --max_eval_samples")
     if len(train) < train_batch_size * world_size:
-        raise DataError(
-            f"the training split has {len(train)} samples, fewer than one batch ({train_batch_size} per device x "
-            f"{world_size} processes = {train_batch_size * world_size}): lower the batch size or use more training "
-            "data")
+        raise DataError(f"the training split has {len(train)} samples, fewer than one batch ({train_batch_size} per "
+                        f"device x {world_size} processes = {train_batch_size * world_size}): lower the batch size or "
+                        "use more training data")
 
 
 # ---- Augmentation geometry: a pure function of (seed, epoch, index), for everything cropped alike ----------------
@@ -671,6 +663,22 @@ def crop_geometry(seed: int, epoch: int, index: int, image_hw: tuple[int, int], 
 
 
 # ---- Torch datasets: decoding and checks in workers, augmentation, collation -------------------------------------
+def _byte_label_tables(info: DataInfo, dtype: type) -> tuple[np.ndarray, tuple[int, int], np.ndarray | None]:
+    """For uint8 masks: each raw value's mapped value (256,), the ring range (shift, top) and the table (None for
+    the identity) to map the kept pixels by."""
+    # uint8 masks ("L"/"P" PNGs, nearly every dataset) go through 256-entry tables: mapped only on the pixels kept,
+    # and checked in one max() pass when the valid raw values v are one ring range, (v + shift) % 256 <= top
+    # (identity: 255, 0..C-1; reduce labels: 255, 0..C); the values are counted only to name wrong ones.
+    mapped = map_labels(np.arange(256), info.label_mapping, info.ignore_index)
+    valid = ((mapped >= 0) & (mapped < info.num_labels)) | (mapped == info.ignore_index)
+    starts = [v for v in range(256) if valid[v] and not valid[v - 1]]  # valid[-1] is 255: the ring wraps
+    ring = (0, -1)  # no ring range: count the values of every mask
+    if valid.all() or len(starts) == 1:
+        ring = (0, 255) if valid.all() else ((256 - starts[0]) % 256, int(valid.sum()) - 1)
+    identity = dtype == np.uint8 and np.array_equal(mapped, np.arange(256))
+    return mapped, ring, None if identity else np.where(valid, mapped, 0).astype(dtype)
+
+
 class SegmentationSamples(torch.utils.data.Dataset):
     """Rows of a split decoded and checked on the CPU (in DataLoader workers): what both pipelines share."""
 
@@ -683,17 +691,7 @@ class SegmentationSamples(torch.utils.data.Dataset):
         byte = 0 <= info.ignore_index <= 255 and info.num_labels <= 256  # every preset: one byte per label pixel
         self.label_dtype = np.uint8 if byte else np.int64
         self._label_fill = np.full((1, 1), info.ignore_index, dtype=self.label_dtype)
-        # uint8 masks ("L"/"P" PNGs, nearly every dataset) go through 256-entry tables: mapped only on the pixels
-        # kept, and checked in one max() pass when the valid raw values v are one ring range, (v + shift) % 256 <=
-        # top (identity: 255, 0..C-1; reduce labels: 255, 0..C); the values are counted only to name wrong ones.
-        self._u8_mapped = mapped = map_labels(np.arange(256), info.label_mapping, info.ignore_index)
-        valid = ((mapped >= 0) & (mapped < info.num_labels)) | (mapped == info.ignore_index)
-        starts = [v for v in range(256) if valid[v] and not valid[v - 1]]  # valid[-1] is 255: the ring wraps
-        self._u8_range = (0, -1)  # no ring range: count the values of every mask
-        if valid.all() or len(starts) == 1:
-            self._u8_range = (0, 255) if valid.all() else ((256 - starts[0]) % 256, int(valid.sum()) - 1)
-        identity = byte and np.array_equal(mapped, np.arange(256))
-        self._u8_table = None if identity else np.where(valid, mapped, 0).astype(self.label_dtype)
+        self._u8_mapped, self._u8_range, self._u8_table = _byte_label_tables(info, self.label_dtype)
         self._columns: dict | None = None  # see _row
 
     def __len__(self) -> int:
@@ -703,10 +701,10 @@ class SegmentationSamples(torch.utils.data.Dataset):
         return {**self.__dict__, "_columns": None}
 
     def _row(self, index: int) -> dict:
-        """``hf_ds[index]``, read straight from the Arrow columns where that is the same row: datasets' formatting
-        costs 0.1-0.2 ms an item after a decode (5% of a VOC training item, tools/bench_data.py), and datasets has
-        no public way to tell a split without an indices mapping (select, shuffle). tests/test_data.py checks that
-        this private attribute still means what it meant."""
+        """``hf_ds[index]``, read straight from the Arrow columns where that is the same row."""
+        # datasets' formatting costs 0.1-0.2 ms an item (5% of a VOC training item, tools/bench_data.py), and it has
+        # no public way to tell a split without an indices mapping (select, shuffle): tests/test_data.py checks that
+        # the private attribute read here still means what it meant.
         if self._columns is None:
             names = [n for n in (self.info.image_column, self.info.label_column, self.info.name_column) if n]
             plain = all(isinstance(f, datasets.Value) or (isinstance(f, datasets.Image) and not f.decode)
@@ -918,11 +916,9 @@ def train_collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
     if not kept:
         return {"pixel_values": torch.empty(0, 3, 0, 0, dtype=torch.uint8),
                 "labels": torch.empty(0, 0, 0, dtype=torch.uint8), "num_skipped": torch.tensor(len(samples))}
-    batch = {"pixel_values": torch.stack([s["pixel_values"] for s in kept]),
-             "labels": torch.stack([s["labels"] for s in kept]), "num_skipped": torch.tensor(len(samples) - len(kept))}
-    if "teacher_logits" in kept[0]:
-        batch["teacher_logits"] = torch.stack([s["teacher_logits"] for s in kept])
-    return batch
+    keys = ("pixel_values", "labels", "teacher_logits") if "teacher_logits" in kept[0] else ("pixel_values", "labels")
+    return {**{key: torch.stack([s[key] for s in kept]) for key in keys},
+            "num_skipped": torch.tensor(len(samples) - len(kept))}
 
 
 def eval_collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
@@ -930,10 +926,10 @@ def eval_collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
     and label, with their ignore index: ``pixel_values`` (B, 3, H, W), ``labels`` (B, Hl, Wl), ``image_sizes`` and
     ``label_sizes`` (B, 2) long (before padding: predictions are cut back to them), ``num_skipped`` (0-dim long)."""
     kept = [s for s in samples if not s.get("skipped")]
-    image_sizes = torch.tensor([tuple(s["pixel_values"].shape[1:]) for s in kept], dtype=torch.long).view(-1, 2)
-    label_sizes = torch.tensor([tuple(s["labels"].shape) for s in kept], dtype=torch.long).view(-1, 2)
-    batch = {"image_sizes": image_sizes, "label_sizes": label_sizes}
-    batch["num_skipped"] = torch.tensor(len(samples) - len(kept))
+    image_sizes, label_sizes = (torch.tensor([tuple(s[key].shape[-2:]) for s in kept], dtype=torch.long).view(-1, 2)
+                                for key in ("pixel_values", "labels"))
+    batch = {"image_sizes": image_sizes, "label_sizes": label_sizes,
+             "num_skipped": torch.tensor(len(samples) - len(kept))}
     if not kept:
         return {**train_collate(samples), **batch}
     min_size = max(int(s.get("min_size", 1)) for s in kept)
@@ -942,8 +938,7 @@ def eval_collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
     pixel_values = fill.expand(len(kept), 3, height, width).contiguous()
     labels = torch.full((len(kept), *label_sizes.max(0).values.tolist()), int(kept[0].get("ignore_index", 255)),
                         dtype=kept[0]["labels"].dtype)
-    for i, sample in enumerate(kept):
-        (h, w), (lh, lw) = sample["pixel_values"].shape[1:], sample["labels"].shape
-        pixel_values[i, :, :h, :w] = sample["pixel_values"]
-        labels[i, :lh, :lw] = sample["labels"]
+    for i, sample in enumerate(kept):  # bottom/right padding: the top-left corner holds the sample
+        pixel_values[i, :, :image_sizes[i, 0], :image_sizes[i, 1]] = sample["pixel_values"]
+        labels[i, :label_sizes[i, 0], :label_sizes[i, 1]] = sample["labels"]
     return {"pixel_values": pixel_values, "labels": labels, **batch}

@@ -209,10 +209,10 @@ def check_labels(labels: torch.Tensor | np.ndarray, num_labels: int, ignore_inde
         return
     values = np.unique(np.asarray(labels[bad])).tolist()
     shown = ", ".join(str(v) for v in values[:10]) + (f", ... ({len(values)} distinct)" if len(values) > 10 else "")
-    raise LabelValueError(
-        f"label values [{shown}] are outside 0..{num_labels - 1} and not the ignore index {ignore_index}: "
-        "pass --ignore_index for a void value, --do_reduce_labels if 0 means 'unlabelled' (ADE20K style), a "
-        "dataset preset with the right label mapping, or an --id2label file listing every class")
+    raise LabelValueError(f"label values [{shown}] are outside 0..{num_labels - 1} and not the ignore index "
+                          f"{ignore_index}: pass --ignore_index for a void value, --do_reduce_labels if 0 means "
+                          "'unlabelled' (ADE20K style), a dataset preset with the right label mapping, or an "
+                          "--id2label file listing every class")
 
 
 # ---- Decoding ----------------------------------------------------------------------------------------------------
@@ -246,8 +246,24 @@ def _pillow_pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image)
 
 
-def _to_uint8(array: np.ndarray, what: str) -> np.ndarray:
-    """Floats in [0, 1] times 255, 16-bit (or > 255) integers divided by 257, clipped to uint8."""
+def decode_image(value: Any, what: str = "image", rgbx: bool = False) -> np.ndarray:
+    """An image (PIL image, path, ``{"bytes", "path"}`` or array) as (H, W, 3) uint8 RGB; with ``rgbx`` as the
+    pipelines take it, (H, W, 3|4) (a 4th channel unused) and possibly read-only. Grey and palette images become
+    RGB, alpha is dropped (not composited), 16- and 32-bit images are scaled to 8 bits, [0, 1] floats times 255."""
+    if not rgbx:
+        return np.ascontiguousarray(decode_image(value, what, rgbx=True)[:, :, :3])
+    if not isinstance(value, (np.ndarray, torch.Tensor)):
+        image = _open_pil(value, what)
+        if not image.mode.startswith("I") and image.mode != "F":  # 8-bit modes: as Pillow holds RGB, else converted
+            if image.mode == "P" and "transparency" in image.info:
+                image = image.convert("RGBA")
+            return _pillow_pixels(image if image.mode == "RGB" else image.convert("RGB"))
+        value = image  # 16- and 32-bit grey: scaled below, like an array
+    array = np.asarray(value)
+    array = np.repeat(array[:, :, None], 3, axis=2) if array.ndim == 2 else array
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise BadSampleError(f"{what}: expected an (H, W, 3) array, got shape {array.shape}")
+    array = array[:, :, :3]
     if array.dtype == np.uint8:
         return array
     if np.issubdtype(array.dtype, np.floating):
@@ -255,29 +271,9 @@ def _to_uint8(array: np.ndarray, what: str) -> np.ndarray:
         return np.clip(np.nan_to_num(scaled), 0, 255).round().astype(np.uint8)
     if not np.issubdtype(array.dtype, np.integer):
         raise BadSampleError(f"{what}: unsupported pixel type {array.dtype}")
-    wide = array.astype(np.int64)
-    sixteen_bits = array.dtype == np.uint16 or int(wide.max(initial=0)) > 255
-    return np.clip(wide // 257 if sixteen_bits else wide, 0, 255).astype(np.uint8)
-
-
-def decode_image(value: Any, what: str = "image", rgbx: bool = False) -> np.ndarray:
-    """An image (PIL image, path, ``{"bytes", "path"}`` or array) as (H, W, 3) uint8 RGB; with ``rgbx`` as the
-    pipelines take it, (H, W, 3|4) (a 4th channel unused) and possibly read-only. Grey and palette images become
-    RGB, alpha is dropped (not composited), 16- and 32-bit images are scaled to 8 bits."""
-    if not rgbx:
-        return np.ascontiguousarray(decode_image(value, what, rgbx=True)[:, :, :3])
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        array = np.asarray(value)
-        array = np.repeat(array[:, :, None], 3, axis=2) if array.ndim == 2 else array
-        if array.ndim != 3 or array.shape[2] not in (3, 4):
-            raise BadSampleError(f"{what}: expected an (H, W, 3) array, got shape {np.shape(value)}")
-        return _to_uint8(array[:, :, :3], what)
-    image = _open_pil(value, what)
-    if image.mode.startswith("I") or image.mode == "F":
-        return np.repeat(_to_uint8(np.asarray(image), what)[:, :, None], 3, axis=2)
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    return _pillow_pixels(image if image.mode == "RGB" else image.convert("RGB"))
+    wide = array.astype(np.int64)  # 16-bit (or > 255) values divided by 257
+    return np.clip(wide // 257 if array.dtype == np.uint16 or int(wide.max(initial=0)) > 255 else wide, 0, 255
+                   ).astype(np.uint8)
 
 
 def pascal_voc_colormap(size: int = 256) -> np.ndarray:
@@ -346,9 +342,7 @@ def load_splits(options: DataOptions) -> tuple[datasets.Dataset, datasets.Datase
                         f"--dataset_name with a local folder (e.g. ../shared/data/{preset.name})")
     hub_kwargs = dict(preset.hub_kwargs) if preset and not options.dataset_name else {}  # for its own copy only
     notes: list[str] = []
-
-    dataset = _load_dataset(path, options.dataset_config_name, hub_kwargs)
-    train, evaluation = _pick_splits(dataset, options, path, notes)
+    train, evaluation = _pick_splits(_load_dataset(path, options.dataset_config_name, hub_kwargs), options, path, notes)
     image_column, label_column, name_column = columns = _pick_columns(train, evaluation, options)
     train, evaluation = (split.select_columns([c for c in columns if c]) for split in (train, evaluation))
     for column in (image_column, label_column):  # decoded by the pipelines: once, in workers, errors naming the row
@@ -360,10 +354,8 @@ def load_splits(options: DataOptions) -> tuple[datasets.Dataset, datasets.Datase
         raise DataError(f"ignore_index {ignore_index} is a class id (0..{len(id2label) - 1}): pick a value "
                         "outside the classes")
     mapping = _pick_mapping(options, preset, train, label_column, notes)
-    if options.max_train_samples is not None:
-        train = train.select(range(min(options.max_train_samples, len(train))))
-    if options.max_eval_samples is not None:
-        evaluation = evaluation.select(range(min(options.max_eval_samples, len(evaluation))))
+    train, evaluation = (split if limit is None else split.select(range(min(limit, len(split)))) for split, limit in
+                         ((train, options.max_train_samples), (evaluation, options.max_eval_samples)))
     return train, evaluation, DataInfo(
         id2label, ignore_index, image_column, label_column, preset.crop_size if preset else (512, 512), mapping,
         notes, preset and preset.name, path, name_column, preset and preset.default_teacher,
@@ -480,8 +472,7 @@ def _pick_splits(splits: datasets.DatasetDict, options: DataOptions, path: str, 
     train = splits[options.train_split]
     if options.validation_split is not None:
         return train, splits[options.validation_split]
-    found = next((name for name in VALIDATION_SPLIT_CANDIDATES if name in splits and name != options.train_split), None)
-    if found is not None:
+    if (found := next((n for n in VALIDATION_SPLIT_CANDIDATES if n in splits and n != options.train_split), None)):
         notes.append(f"evaluating on split {found!r}")
         return train, splits[found]
     if len(train) < 2:
@@ -514,8 +505,7 @@ def _pick_columns(train: datasets.Dataset, evaluation: datasets.Dataset, options
                         f"{train.features[picked[1]].names[:5]} (folder names), not masks; lay a folder out as "
                         "images/ + masks/, img_dir/ + ann_dir/ or images/ + annotations/ (each with or without "
                         "{train,val}/ inside), or {train,val}/{images,masks} (README: Your own data)")
-    missing = [c for c in picked if c not in evaluation.column_names]
-    if missing:
+    if missing := [c for c in picked if c not in evaluation.column_names]:
         raise DataError(f"evaluation split lacks columns {missing}; it has {evaluation.column_names}")
     name = next((c for c in NAME_COLUMN_CANDIDATES if c in columns and c in evaluation.column_names), None)
     return picked[0], picked[1], name
@@ -595,10 +585,10 @@ def _load_synthetic(options: DataOptions) -> tuple[datasets.Dataset, datasets.Da
     except ValueError as err:  # the renderer's own argument checks: a data problem like any other here
         raise DataError(str(err)) from None
     preset = DATASET_PRESETS["synthetic"]
-    return train, evaluation, DataInfo(
-        preset.id2label, 255, "image", "label", (min(128, height), min(128, width)), LABELS_IDENTITY,
-        [f"{num_train} train / {num_eval} eval scenes of {height}x{width}"], "synthetic", "synthetic", "index",
-        preset.default_teacher, preset.default_student)
+    note = f"{num_train} train / {num_eval} eval scenes of {height}x{width}"
+    return train, evaluation, DataInfo(preset.id2label, 255, "image", "label", (min(128, height), min(128, width)),
+                                       LABELS_IDENTITY, [note], "synthetic", "synthetic", "index",
+                                       preset.default_teacher, preset.default_student)
 
 
 def check_split_sizes(train: Sequence, evaluation: Sequence, train_batch_size: int, world_size: int = 1) -> None:

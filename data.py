@@ -291,11 +291,9 @@ _VOC_INDEX_OF_COLOUR = {(int(r) << 16) | (int(g) << 8) | int(b): i for i, (r, g,
 
 def decode_label(value: Any, what: str = "label", dtype: type | None = np.int64) -> np.ndarray:
     """A mask as (H, W) ``dtype``, values kept (``dtype=None``: the mask's own integer type, possibly read-only).
-
-    Palette ("P") masks keep their indices, 16-bit masks their values; a 3-channel mask with equal channels is
-    one channel (a grey mask saved as RGB); any other RGB mask must be drawn in the Pascal VOC colour map, each
-    colour becoming its index (the boundary colour 255, ignored); another colour is an error naming it and the file.
-    """
+    Palette ("P") masks keep their indices, 16-bit masks their values; a 3-channel mask with equal channels is one
+    channel (a grey mask saved as RGB); any other RGB mask must be drawn in the Pascal VOC colour map, each colour
+    becoming its index (the boundary colour 255, ignored); another colour is an error naming it and the file."""
     path = value.get("path") if isinstance(value, dict) else value if isinstance(value, (str, os.PathLike)) else None
     what += f" (file {path})" if path and str(path) not in what else ""
     if isinstance(value, (np.ndarray, torch.Tensor, list)):
@@ -405,18 +403,16 @@ def _check_parquet_files(folder: Path) -> None:
         try:
             rows = pq.ParquetFile(file).metadata.num_rows
         except (pa.ArrowException, OSError) as err:
-            raise DataError(f"dataset file {file} cannot be read as parquet ({err}): write or download it again"
-                            ) from None
+            raise DataError(f"dataset file {file} cannot be read as parquet ({err}): write or download it "
+                            "again") from None
         if rows == 0:
             raise DataError(f"dataset {str(folder)!r} has an empty split or file: {file} has no rows; fill or remove "
                             "it, or pick other splits with --train_split / --validation_split")
 
 
 def _image_mask_splits(root: Path) -> datasets.DatasetDict | None:
-    """The splits of an image/mask folder (README "Your own data": ``images/ + masks/``, ``img_dir/ + ann_dir/``
-    or ``images/ + annotations/``, each with or without split folders inside, or ``SPLIT/{images,masks}``), with
-    ``image`` and ``label`` columns of file paths and ``name`` (the path below the split without its suffix), as
-    undecoded as a Hub dataset's; None for any other folder."""
+    """The splits of an image/mask folder in a layout README "Your own data" lists, as undecoded as a Hub dataset's
+    (``image``/``label`` file paths, ``name`` the path below the split without its suffix); None for another folder."""
     def pair_in(folder: Path) -> tuple[Path, Path] | None:
         found = [next((folder / n for n in names if (folder / n).is_dir()), None) for names in FOLDER_NAMES]
         return (found[0], found[1]) if all(found) else None
@@ -434,9 +430,8 @@ def _image_mask_splits(root: Path) -> datasets.DatasetDict | None:
 
 
 def _pair_files(image_dir: Path, mask_dir: Path) -> dict[str, list[str]]:
-    """``{"image", "label", "name"}``: the images below ``image_dir`` and their masks below ``mask_dir``, paired by
-    the path below each without the suffix (a mask's may end in one of ``MASK_STEM_ENDINGS``); a file left without
-    a partner (one of two images of one name too) is a :class:`DataError` naming the first few."""
+    """``{"image", "label", "name"}``: images and masks paired by their path below their folder without the suffix
+    (a mask's may end in one of ``MASK_STEM_ENDINGS``); a file left without a partner is a :class:`DataError`."""
     def files(folder: Path, suffixes: tuple[str, ...]) -> list[tuple[str, Path]]:
         return [(p.relative_to(folder).with_suffix("").as_posix(), p) for p in sorted(folder.rglob("*"))
                 if p.suffix.lower() in suffixes and not any(s.startswith(".") for s in p.relative_to(folder).parts)]
@@ -446,11 +441,10 @@ def _pair_files(image_dir: Path, mask_dir: Path) -> dict[str, list[str]]:
         masks.setdefault(key, []).append(path)
     pairs, lonely = [], []
     for key, image in files(image_dir, IMAGE_SUFFIXES):
-        mask = next((masks[key + end].pop(0) for end in MASK_STEM_ENDINGS if masks.get(key + end)), None)
-        if mask is None:
-            lonely.append(image)
-        else:
+        if (mask := next((masks[key + end].pop(0) for end in MASK_STEM_ENDINGS if masks.get(key + end)), None)):
             pairs.append((str(image), str(mask), key))
+        else:
+            lonely.append(image)
     for unpaired, folder, other, what in ((lonely, image_dir, mask_dir, "images without a mask"),
                                           (sum(masks.values(), []), mask_dir, image_dir, "masks without an image")):
         if unpaired:
@@ -629,9 +623,8 @@ def crop_geometry(seed: int, epoch: int, index: int, image_hw: tuple[int, int], 
     The scale s is uniform in ``scale_range``, the crop's top-left uniform over the positions in the image of
     ``image_hw`` (H, W) scaled by s (and padded bottom/right to at least ``crop_size`` (h, w)), the flip has
     probability 1/2. Each axis is mapped back to the unscaled image as a :class:`Window`: resizing only that
-    region gives the crop of the whole scaled image, up to half a source pixel of rounding. A map laid over the
-    image at another resolution (a (C, h', w') logit map) is cropped alike with the windows scaled by h'/H, w'/W.
-    """
+    region gives the crop of the whole scaled image, up to half a source pixel of rounding; a (C, h', w') logit map
+    laid over the image is cropped alike with the windows scaled by h'/H, w'/W."""
     if not hasattr(_TWISTER, "bits"):
         _TWISTER.bits = np.random.MT19937()
         _TWISTER.seeder = np.random.RandomState(_TWISTER.bits)  # its seed() is the classic MT19937 seeding
@@ -757,12 +750,10 @@ class SegmentationSamples(torch.utils.data.Dataset):
 
 
 class SegmentationTrainDataset(SegmentationSamples):
-    """Random scale, crop, pad and flip in uint8 (:func:`crop_geometry`), deterministic per (seed, epoch, index).
-
-    Items: ``{"pixel_values": uint8 (3, h, w) RGB, "labels": (h, w)}``, (h, w) = ``crop_size``, labels uint8 when
-    the classes fit in a byte (else int64), or ``{"skipped": True, ...}`` (``skip_bad_samples``). Padding: the
-    ``pad_mean`` colour (the student's input mean, RGB in [0, 1], normalized to about 0), labels ignored.
-    """
+    """Random scale, crop, pad and flip in uint8 (:func:`crop_geometry`), deterministic per (seed, epoch, index):
+    items ``{"pixel_values": uint8 (3, h, w) RGB, "labels": (h, w)}``, (h, w) = ``crop_size``, labels uint8 when the
+    classes fit in a byte (else int64), or ``{"skipped": True, ...}`` (``skip_bad_samples``). Padding: the
+    ``pad_mean`` colour (the student's input mean, RGB in [0, 1]: about 0 once normalized), labels ignored."""
 
     def __init__(self, hf_ds: datasets.Dataset, info: DataInfo, *, crop_size: tuple[int, int],
                  pad_mean: Sequence[float], seed: int, scale_range: tuple[float, float] = (0.5, 2.0),

@@ -2,9 +2,8 @@
 
 ``load_splits`` loads a preset, folder or Hub id as the Hugging Face semantic-segmentation example does;
 ``build_train_dataset`` / ``build_eval_dataset`` decode and check each sample once, in DataLoader workers, and
-augment it in uint8 with randomness that is a pure function of (seed, epoch, index) (:func:`crop_geometry`).
-Batches carry uint8 pixels (labels too when the classes fit in a byte); the models' adapters normalize them.
-"""
+augment it in uint8 with randomness that is a pure function of (seed, epoch, index) (:func:`crop_geometry`);
+batches carry uint8 pixels (labels too when the classes fit in a byte), which the models' adapters normalize."""
 
 from __future__ import annotations
 
@@ -41,10 +40,8 @@ MASK_STEM_ENDINGS = ("", "_mask", "_label", "_gt")
 SPLIT_FOLDER_NAMES = {"training": "train"}  # ADE20K's ADEChallengeData2016/images/training
 
 # Label mappings a preset or flag can ask for.
-LABELS_IDENTITY = "identity"
-LABELS_REDUCE = "reduce_labels"
-LABELS_CITYSCAPES_AUTO = "cityscapes_auto"
-LABELS_CITYSCAPES_LABELID = "cityscapes_labelid_to_trainid"
+LABELS_IDENTITY, LABELS_REDUCE = "identity", "reduce_labels"
+LABELS_CITYSCAPES_AUTO, LABELS_CITYSCAPES_LABELID = "cityscapes_auto", "cityscapes_labelid_to_trainid"
 
 _TWISTER = threading.local()  # one NumPy MT19937 per thread, re-seeded per sample (a new one costs 30 times more)
 _RGB_SHIFTS = (0, 8, 16) if sys.byteorder == "little" else (24, 16, 8)  # R, G, B in an RGBX pixel read as uint32
@@ -64,36 +61,30 @@ class LabelValueError(DataError):
 
 # ---- Class tables and presets ------------------------------------------------------------------------------------
 
-CITYSCAPES_CLASSES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation", "terrain",
-    "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
-)
+CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
 # cityscapesScripts' labelId -> trainId for the 19 evaluated classes; every other labelId is ignored.
 CITYSCAPES_LABELID_TO_TRAINID = {label_id: train_id for train_id, label_id in enumerate(
     (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33))}
-PASCAL_VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
-    "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)
-ADE20K_CLASSES = (
-    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet", "sidewalk",
-    "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water", "painting", "sofa",
-    "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp",
-    "bathtub", "railing", "cushion", "base", "box", "column", "signboard", "chest of drawers", "counter", "sand",
-    "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway", "case", "pool table",
-    "pillow", "screen door", "stairway", "river", "bridge", "bookcase", "blind", "coffee table", "toilet", "flower",
-    "book", "hill", "bench", "countertop", "stove", "palm", "kitchen island", "computer", "swivel chair", "boat", "bar",
-    "arcade machine", "hovel", "bus", "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight",
-    "booth", "television receiver", "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator",
-    "ottoman", "bottle", "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer",
-    "plaything", "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
-    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher",
-    "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier",
-    "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag",
-)
-CAMVID_CLASSES = (
-    "sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car", "pedestrian", "bicyclist",
-)
+PASCAL_VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+ADE20K_CLASSES = ("wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
+    "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk", "rock",
+    "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard", "chest of drawers",
+    "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway",
+    "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase", "blind", "coffee table",
+    "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm", "kitchen island", "computer",
+    "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light", "truck", "tower", "chandelier",
+    "awning", "streetlight", "booth", "television receiver", "airplane", "dirt track", "apparel", "pole", "land",
+    "bannister", "escalator", "ottoman", "bottle", "buffet", "poster", "stage", "van", "ship", "fountain",
+    "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool", "barrel", "basket", "waterfall", "tent",
+    "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal",
+    "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light",
+    "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator", "glass",
+    "clock", "flag")
+CAMVID_CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car", "pedestrian",
+    "bicyclist")
 # In the order of the label values synthetic.py paints (synthetic.SKY ... synthetic.SIGN).
 SYNTHETIC_CLASSES = ("sky", "building", "road", "sidewalk", "vegetation", "car", "person", "pole", "traffic sign")
 
@@ -101,7 +92,6 @@ SYNTHETIC_CLASSES = ("sky", "building", "road", "sidewalk", "vegetation", "car",
 @dataclass(frozen=True)
 class DatasetPreset:
     """What a ``--dataset`` name implies; ``hub_kwargs`` go to ``load_dataset`` with the default ``hub_id`` only."""
-
     name: str
     hub_id: str | None  # None: no usable Hub copy, pass a folder
     classes: tuple[str, ...]
@@ -138,7 +128,6 @@ class DataInfo:
     """What :func:`load_splits` found and decided: classes in training-id order, the ignored value, the columns
     (``name_column`` names samples in errors), the default crop (h, w), the ``LABELS_*`` mapping applied to every
     mask, every decision taken (``notes``), what was loaded (``source``) and the preset's suggestions."""
-
     id2label: dict[int, str]
     ignore_index: int
     image_column: str
@@ -165,7 +154,6 @@ class DataInfo:
 class DataOptions:
     """One field per data flag of ``train_icsd.py``, same names; ``validation_fraction`` (``--train_val_split``)
     is the share of train carved off, with ``seed``, for a dataset without a validation split."""
-
     dataset: str | None = None
     dataset_name: str | None = None
     dataset_config_name: str | None = None
@@ -235,12 +223,11 @@ def _pillow_pixels(image: Image.Image) -> np.ndarray:
     """A loaded "RGB" image's pixels as (H, W, 4) (the 4th byte unused, as Pillow stores them), "L"/"P" as (H, W):
     shared with Pillow through the Arrow C data interface (11.2+, rows in one block), then read-only; else a copy."""
     if hasattr(image, "__arrow_c_array__"):
-        width, height = image.size
         try:
             exported = pa.array(image)
             if image.mode == "RGB":  # .values: the bytes under the pixels (flatten() is a slower compute call)
-                return exported.values.to_numpy(zero_copy_only=True).reshape(height, width, 4)
-            return exported.to_numpy(zero_copy_only=True).reshape(height, width)
+                return exported.values.to_numpy(zero_copy_only=True).reshape(image.height, image.width, 4)
+            return exported.to_numpy(zero_copy_only=True).reshape(image.height, image.width)
         except (ValueError, TypeError, pa.ArrowException):  # e.g. rows in several blocks
             pass
     return np.asarray(image)
@@ -354,10 +341,9 @@ def load_splits(options: DataOptions) -> tuple[datasets.Dataset, datasets.Datase
     mapping = _pick_mapping(options, preset, train, label_column, notes)
     train, evaluation = (split if limit is None else split.select(range(min(limit, len(split)))) for split, limit in
                          ((train, options.max_train_samples), (evaluation, options.max_eval_samples)))
-    return train, evaluation, DataInfo(
-        id2label, ignore_index, image_column, label_column, preset.crop_size if preset else (512, 512), mapping,
-        notes, preset and preset.name, path, name_column, preset and preset.default_teacher,
-        preset and preset.default_student)
+    return train, evaluation, DataInfo(id2label, ignore_index, image_column, label_column, preset.crop_size if preset
+                                       else (512, 512), mapping, notes, preset and preset.name, path, name_column,
+                                       preset and preset.default_teacher, preset and preset.default_student)
 
 
 def _load_dataset(path: str, config_name: str | None, hub_kwargs: dict[str, str]) -> datasets.DatasetDict:
@@ -485,13 +471,13 @@ def _pick_columns(train: datasets.Dataset, evaluation: datasets.Dataset, options
     columns, picked = list(train.column_names), []
     for explicit, candidates, what in ((options.image_column, IMAGE_COLUMN_CANDIDATES, "image"),
                                        (options.label_column, LABEL_COLUMN_CANDIDATES, "label")):
-        flag = f"--{what}_column"
         if explicit is not None and explicit not in columns:
-            raise DataError(f"{what} column {explicit!r} not found; the dataset has columns {columns}: pass {flag}")
-        picked.append(explicit or next((c for c in candidates if c in columns), None))
-        if picked[-1] is None:
+            raise DataError(f"{what} column {explicit!r} not found; the dataset has columns {columns}: pass "
+                            f"--{what}_column")
+        if (found := explicit or next((c for c in candidates if c in columns), None)) is None:
             raise DataError(f"no {what} column found among {list(candidates)}; the dataset has columns {columns}: "
-                            f"pass {flag} NAME")
+                            f"pass --{what}_column NAME")
+        picked.append(found)
     if picked[0] == picked[1]:
         raise DataError(f"image and label column are both {picked[0]!r}: pass --image_column/--label_column")
     if isinstance(train.features[picked[1]], datasets.ClassLabel):  # what datasets makes of most image folders
@@ -562,10 +548,9 @@ def _load_synthetic(options: DataOptions) -> tuple[datasets.Dataset, datasets.Da
     from synthetic import make_synthetic_splits
 
     harmless = {"do_reduce_labels": False, "ignore_index": 255}
-    given = [f"--{name}" for name in ("dataset_name", "image_column", "label_column", "id2label", "do_reduce_labels",
-                                      "validation_split", "train_split", "ignore_index")
-             if getattr(options, name) not in (getattr(DataOptions, name), harmless.get(name))]
-    if given:
+    if given := [f"--{name}" for name in ("dataset_name", "image_column", "label_column", "id2label",
+                                          "do_reduce_labels", "validation_split", "train_split", "ignore_index")
+                 if getattr(options, name) not in (getattr(DataOptions, name), harmless.get(name))]:
         raise DataError(f"the synthetic preset generates its own data and classes: drop {', '.join(given)}")
     try:
         height, width = (int(side) for side in (options.dataset_config_name or "128x128").lower().split("x"))
@@ -579,10 +564,10 @@ def _load_synthetic(options: DataOptions) -> tuple[datasets.Dataset, datasets.Da
     except ValueError as err:  # the renderer's own argument checks: a data problem like any other here
         raise DataError(str(err)) from None
     preset = DATASET_PRESETS["synthetic"]
+    preset_models = preset.default_teacher, preset.default_student
     note = f"{num_train} train / {num_eval} eval scenes of {height}x{width}"
     return train, evaluation, DataInfo(preset.id2label, 255, "image", "label", (min(128, height), min(128, width)),
-                                       LABELS_IDENTITY, [note], "synthetic", "synthetic", "index",
-                                       preset.default_teacher, preset.default_student)
+                                       LABELS_IDENTITY, [note], "synthetic", "synthetic", "index", *preset_models)
 
 
 def check_split_sizes(train: Sequence, evaluation: Sequence, train_batch_size: int, world_size: int = 1) -> None:
@@ -601,7 +586,6 @@ def check_split_sizes(train: Sequence, evaluation: Sequence, train_batch_size: i
 class Window(NamedTuple):
     """Along one axis: source pixels [start, start + size) are resized to the first ``out`` pixels of the crop
     (the last ``out`` columns when flipped); the rest of the crop is padding."""
-
     start: int
     size: int
     out: int
@@ -609,7 +593,6 @@ class Window(NamedTuple):
 
 class CropGeometry(NamedTuple):
     """A training sample's random scale, its source :class:`Window` per axis and its horizontal flip."""
-
     scale: float
     rows: Window
     cols: Window
@@ -647,8 +630,7 @@ def crop_geometry(seed: int, epoch: int, index: int, image_hw: tuple[int, int], 
 
 # ---- Torch datasets: decoding and checks in workers, augmentation, collation -------------------------------------
 def _byte_label_tables(info: DataInfo, dtype: type) -> tuple[np.ndarray, tuple[int, int], np.ndarray | None]:
-    """For uint8 masks: each raw value's mapped value (256,), the ring range (shift, top) and the table (None for
-    the identity) to map the kept pixels by."""
+    """For uint8 masks: each raw value's mapped value (256,), the ring range (shift, top), the table (None: as is)."""
     # uint8 masks ("L"/"P" PNGs, nearly every dataset) go through 256-entry tables: mapped only on the pixels kept,
     # and checked in one max() pass when the valid raw values v are one ring range, (v + shift) % 256 <= top
     # (identity: 255, 0..C-1; reduce labels: 255, 0..C); the values are counted only to name wrong ones.
@@ -684,10 +666,9 @@ class SegmentationSamples(torch.utils.data.Dataset):
         return {**self.__dict__, "_columns": None}
 
     def _row(self, index: int) -> dict:
-        """``hf_ds[index]``, read straight from the Arrow columns where that is the same row."""
-        # datasets' formatting costs 0.1-0.2 ms an item (5% of a VOC training item, tools/bench_data.py), and it has
-        # no public way to tell a split without an indices mapping (select, shuffle): tests/test_data.py checks that
-        # the private attribute read here still means what it meant.
+        """``hf_ds[index]``, read straight from the Arrow columns where that is the same row: datasets' formatting
+        costs 0.1-0.2 ms an item (5% of a VOC training item, BENCHMARKS.md), and it has no public way to tell a split
+        without an indices mapping (select, shuffle): tests/test_data.py checks the private attribute read here."""
         if self._columns is None:
             names = [n for n in (self.info.image_column, self.info.label_column, self.info.name_column) if n]
             plain = all(isinstance(f, datasets.Value) or (isinstance(f, datasets.Image) and not f.decode)
@@ -830,9 +811,8 @@ def _resize_rgbx(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(h, w, 4) uint8 contiguous -> (*size, 4), bilinear, antialiased when shrinking."""
     # Only on a contiguous channels-last input (batch dimension added before the permute) does torch's uint8
     # bilinear kernel take its fast path, 2-3 times faster; its output is channels-last: contiguous() is free.
-    shrink = size[0] < pixels.shape[0] or size[1] < pixels.shape[1]
     resized = F.interpolate(torch.from_numpy(pixels)[None].permute(0, 3, 1, 2), size=size, mode="bilinear",
-                            align_corners=False, antialias=shrink)
+                            align_corners=False, antialias=size[0] < pixels.shape[0] or size[1] < pixels.shape[1])
     return resized[0].permute(1, 2, 0).contiguous().numpy()
 
 

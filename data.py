@@ -283,11 +283,8 @@ def decode_label(value: Any, what: str = "label", dtype: type | None = np.int64)
     becoming its index (the boundary colour 255, ignored); another colour is an error naming it and the file."""
     path = value.get("path") if isinstance(value, dict) else value if isinstance(value, (str, os.PathLike)) else None
     what += f" (file {path})" if path and str(path) not in what else ""
-    if isinstance(value, (np.ndarray, torch.Tensor, list)):
-        array = np.asarray(value)
-    else:
-        image = _open_pil(value, what)
-        array = _pillow_pixels(image) if image.mode in ("L", "P") else np.asarray(image)
+    array = value if isinstance(value, (np.ndarray, torch.Tensor, list)) else _open_pil(value, what)
+    array = _pillow_pixels(array) if isinstance(array, Image.Image) and array.mode in ("L", "P") else np.asarray(array)
     if array.ndim == 3:
         array = array[:, :, :-1] if array.shape[2] in (2, 4) else array  # drop alpha
         if array.shape[2] == 1 or bool(np.all(array == array[:, :, :1])):
@@ -637,9 +634,8 @@ def _byte_label_tables(info: DataInfo, dtype: type) -> tuple[np.ndarray, tuple[i
     mapped = map_labels(np.arange(256), info.label_mapping, info.ignore_index)
     valid = ((mapped >= 0) & (mapped < info.num_labels)) | (mapped == info.ignore_index)
     starts = [v for v in range(256) if valid[v] and not valid[v - 1]]  # valid[-1] is 255: the ring wraps
-    ring = (0, -1)  # no ring range: count the values of every mask
-    if valid.all() or len(starts) == 1:
-        ring = (0, 255) if valid.all() else ((256 - starts[0]) % 256, int(valid.sum()) - 1)
+    # All valid: nothing to check; no ring range, (0, -1): count the values of every mask.
+    ring = (0, 255) if valid.all() else ((256 - starts[0]) % 256, int(valid.sum()) - 1) if len(starts) == 1 else (0, -1)
     identity = dtype == np.uint8 and np.array_equal(mapped, np.arange(256))
     return mapped, ring, None if identity else np.where(valid, mapped, 0).astype(dtype)
 
@@ -653,8 +649,7 @@ class SegmentationSamples(torch.utils.data.Dataset):
             raise ValueError(f"pad_mean needs 3 values in [0, 1] (a model's input mean for [0, 1] RGB), got {pad_mean}")
         self.pad_rgb = tuple(int(round(float(v) * 255)) for v in pad_mean)
         self.split_name = str(hf_ds.split) if getattr(hf_ds, "split", None) is not None else "dataset"
-        byte = 0 <= info.ignore_index <= 255 and info.num_labels <= 256  # every preset: one byte per label pixel
-        self.label_dtype = np.uint8 if byte else np.int64
+        self.label_dtype = np.uint8 if 0 <= info.ignore_index <= 255 and info.num_labels <= 256 else np.int64
         self._label_fill = np.full((1, 1), info.ignore_index, dtype=self.label_dtype)
         self._u8_mapped, self._u8_range, self._u8_table = _byte_label_tables(info, self.label_dtype)
         self._columns: dict | None = None  # see _row

@@ -267,9 +267,8 @@ def pascal_voc_colormap(size: int = 256) -> np.ndarray:
     """(size, 3) uint8: the colour Pascal VOC draws index ``i`` in (the bits of ``i`` dealt to R, G, B, most
     significant first: 0 black, 1 (128, 0, 0), ..., 255 (224, 224, 192), the boundary colour)."""
     index, colours = np.arange(size), np.zeros((size, 3), dtype=np.int64)
-    for bit in range(8):
-        for channel in range(3):
-            colours[:, channel] |= ((index >> (3 * bit + channel)) & 1) << (7 - bit)
+    for bit, channel in ((bit, channel) for bit in range(8) for channel in range(3)):
+        colours[:, channel] |= ((index >> (3 * bit + channel)) & 1) << (7 - bit)
     return colours.astype(np.uint8)
 
 
@@ -560,11 +559,10 @@ def _load_synthetic(options: DataOptions) -> tuple[datasets.Dataset, datasets.Da
         train, evaluation = make_synthetic_splits(num_train, num_eval, height=height, width=width, seed=0)
     except ValueError as err:  # the renderer's own argument checks: a data problem like any other here
         raise DataError(str(err)) from None
-    preset = DATASET_PRESETS["synthetic"]
-    preset_models = preset.default_teacher, preset.default_student
-    note = f"{num_train} train / {num_eval} eval scenes of {height}x{width}"
+    preset, note = DATASET_PRESETS["synthetic"], f"{num_train} train / {num_eval} eval scenes of {height}x{width}"
     return train, evaluation, DataInfo(preset.id2label, 255, "image", "label", (min(128, height), min(128, width)),
-                                       LABELS_IDENTITY, [note], "synthetic", "synthetic", "index", *preset_models)
+                                       LABELS_IDENTITY, [note], "synthetic", "synthetic", "index",
+                                       preset.default_teacher, preset.default_student)
 
 
 def check_split_sizes(train: Sequence, evaluation: Sequence, train_batch_size: int, world_size: int = 1) -> None:

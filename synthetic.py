@@ -48,16 +48,14 @@ class _Canvas:
         box = (slice(y0, y1), slice(x0, x1))
         return box, self.yy[box], self.xx[box]
 
-    def paint(self, box: tuple[slice, slice], mask: np.ndarray, colour: np.ndarray, cls: int,
-              grain: float = 0.0) -> None:
-        """Fill ``mask`` (window-shaped) with a colour (3,) or a window-shaped colour field."""
+    def paint(self, box: tuple[slice, slice], mask: np.ndarray, colour: np.ndarray, cls: int, grain: float) -> None:
+        """Fill ``mask`` (window-shaped) with a colour (3,) or a window-shaped colour field, plus ``grain`` noise."""
         if not mask.any():
             return
         colour = np.asarray(colour, dtype=np.float32)
         pixels = colour[mask] if colour.ndim == 3 else np.broadcast_to(colour, (int(mask.sum()), 3))
-        if grain > 0:
-            pixels = pixels + self.rng.normal(0.0, grain, size=pixels.shape).astype(np.float32)
-        self.image[box][mask], self.label[box][mask] = pixels, cls
+        noise = self.rng.normal(0.0, grain, size=pixels.shape).astype(np.float32)
+        self.image[box][mask], self.label[box][mask] = pixels + noise, cls
 
     def bar(self, x0: float, half_width: float, base_y: float, height: float, colour: Sequence[float], cls: int,
             jitter: float) -> None:
@@ -107,8 +105,7 @@ def render_synthetic_scene(seed: int, index: int, height: int = 128, width: int 
     per-pixel noise, so that colour alone does not give the class away; nearer objects are larger and in front.
     Car and person outlines are 255 (ignored), like annotation edges in real data.
     """
-    # The random draws happen in a fixed order (sky, buildings, road, objects, noise):
-    # reordering them would change every scene of a given seed.
+    # The random draws happen in a fixed order (sky, buildings, road, objects, noise): reordering changes every scene.
     rng = np.random.default_rng([int(seed), int(index)])
     canvas = _Canvas(rng, height, width)
     coarse, fine = _smooth_noise(rng, height, width, 6), _smooth_noise(rng, height, width, max(8, width // 5))

@@ -660,7 +660,7 @@ class SegmentationSamples(torch.utils.data.Dataset):
 
     def _row(self, index: int) -> dict:
         """``hf_ds[index]``, read straight from the Arrow columns where that is the same row: datasets' formatting
-        costs 0.1-0.2 ms an item (5% of a VOC training item, BENCHMARKS.md), and it has no public way to tell a split
+        costs 0.1-0.25 ms an item (2-6% of a VOC or ADE20K item, BENCHMARKS.md) and has no public way to tell a split
         without an indices mapping (select, shuffle): tests/test_data.py checks the private attribute read here."""
         if self._columns is None:
             names = [n for n in (self.info.image_column, self.info.label_column, self.info.name_column) if n]

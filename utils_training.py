@@ -32,6 +32,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import load as accelerate_load
+from safetensors import safe_open
 from torch.utils.data import Sampler
 
 from utils_hub import CHECKPOINT_DIR, TRACKER_DIR, UPLOAD_PATTERNS, source_kind
@@ -565,7 +567,7 @@ def after_write(accelerator: Accelerator, error: BaseException | None, what: str
     if not reason:
         raise OutputError(f"process {index} failed while writing {what} to {folder} (its error is above)")
     free = None
-    with suppress(OSError):
+    with suppress(OSError):  # the folder may be gone, or on a file system that cannot say
         free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
     if reason == "the write failed" and free is not None and free < needed:
         reason = os.strerror(errno.ENOSPC)
@@ -649,19 +651,18 @@ class TrainState:
     skipped_samples: int = 0
 
 
-def _recorded_run_id(path: Path) -> str | None:
-    try:
-        return (json.loads((path / STATE_FILE).read_text()).get("run") or {}).get("run_id")
-    except (OSError, ValueError, AttributeError):
-        return "unreadable"
-
-
 def list_checkpoints(output_dir: str | Path, run_id: str | None = None) -> list[Path]:
     """The complete checkpoints (state file written) under ``output_dir/checkpoints``, oldest first; with
     ``run_id``, only that run's and those whose state file cannot be read (resume reports them as damaged)."""
+    def recorded_run_id(path: Path) -> str | None:
+        try:
+            return (json.loads((path / STATE_FILE).read_text()).get("run") or {}).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            return "unreadable"
+
     root = Path(output_dir) / CHECKPOINT_DIR
     found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step_\d+", p.name)
-             and (p / STATE_FILE).is_file() and (run_id is None or _recorded_run_id(p) in (run_id, "unreadable"))
+             and (p / STATE_FILE).is_file() and (run_id is None or recorded_run_id(p) in (run_id, "unreadable"))
              ] if root.is_dir() else []
     return sorted(found, key=lambda p: int(p.name[5:]))
 
@@ -750,9 +751,6 @@ def _read_problem(err: BaseException) -> tuple[str, str]:
 def checkpoint_problem(path: Path, accelerator: Accelerator) -> tuple[str, str] | None:
     """Why this process cannot resume from ``path``, found without changing any state: ``("damaged", what)`` for
     a missing, truncated or unreadable file, ``("refused", what)`` for a pickle holding code, else None."""
-    from accelerate.utils import load as accelerate_load
-    from safetensors import safe_open
-
     try:
         saved = json.loads((path / STATE_FILE).read_text())
         if not all(isinstance(saved.get(k), int) for k in ("completed_steps", "epoch", "samples_in_epoch")):
@@ -801,11 +799,8 @@ def _resume_candidates(run: Run, resume: str | None) -> list[Path]:
 
 def resume_or_start(accelerator: Accelerator, run: Run, resume: str | None, schedule: dict) -> TrainState:
     """Resume as ``--resume_from_checkpoint`` says (or start at step 0), then record the run in ``run.json``.
-
-    With ``latest`` a damaged checkpoint is passed over with a warning for the one before it (none whole: one
-    line); a named one must be whole; a pickle holding code is refused either way; a checkpoint of a run with
-    other settings or another ``schedule`` (the resolved step count) is an error naming each difference.
-    """
+    ``latest`` passes over a damaged checkpoint for the one before it; a pickle holding code, or a run with other
+    settings or another ``schedule`` (the resolved step count), is refused in one line naming each difference."""
     state, broken = TrainState(), []
     for path in _resume_candidates(run, resume):
         problem = checkpoint_problem(path, accelerator)
@@ -857,11 +852,8 @@ def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_labels: int, i
 
 
 def metrics_from_confusion(cm: torch.Tensor) -> dict[str, object]:
-    """``mean_iou``, ``mean_accuracy``, ``overall_accuracy``, ``per_category_iou``, ``per_category_accuracy``.
-
-    As ``evaluate``'s ``mean_iou``: a class absent from both labels and predictions has IoU None and is left out
-    of the means; accuracy is per ground-truth class.
-    """
+    """``mean_iou``, ``mean_accuracy``, ``overall_accuracy``, ``per_category_iou``, ``per_category_accuracy`` as
+    ``evaluate``'s ``mean_iou``: a class absent from labels and predictions has IoU None, left out of the means."""
     cm = cm.double().cpu()
     tp, label_area, pred_area = cm.diag(), cm.sum(dim=1), cm.sum(dim=0)
     nan = torch.full_like(tp, float("nan"))

@@ -1,7 +1,5 @@
-"""The operations code behind ``train_icsd.py``, in the order the script meets it: one-line errors, stop
-requests (SIGTERM, the launcher's death), the output folder (one run per folder, locked), all-or-nothing writes
-that fail in one line, checkpoints and resume past damaged ones, the per-step loss bookkeeping, logging and the
-evaluation metrics."""
+"""The operations code behind ``train_icsd.py``: one-line errors, stop requests, the output folder (one run per
+folder, locked), all-or-nothing writes, checkpoints and resume past damaged ones, loss bookkeeping, metrics."""
 
 from __future__ import annotations
 
@@ -24,16 +22,18 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import load as accelerate_load
+from safetensors import safe_open
 from torch.utils.data import Sampler
 
 from utils_hub import CHECKPOINT_DIR, TRACKER_DIR, UPLOAD_PATTERNS, source_kind
@@ -169,8 +169,7 @@ def training_done() -> None:
 
 
 def worker_init(_: int) -> None:
-    """DataLoader ``worker_init_fn``: workers outlive a SIGTERM sent to the process group until the main
-    process has saved its checkpoint."""
+    """DataLoader ``worker_init_fn``: workers ignore a SIGTERM sent to the process group (the main process saves)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
@@ -204,13 +203,13 @@ def _watch_launcher(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(0.5)
     _request_stop("the launcher's exit")
-    print(f"[pid {os.getpid()}] the launcher (pid {parent}) is gone: saving a checkpoint and exiting",
-          file=sys.stderr, flush=True)
+    me = f"[pid {os.getpid()}]"
+    print(f"{me} the launcher (pid {parent}) is gone: saving a checkpoint and exiting", file=sys.stderr, flush=True)
     # A process still here later is stuck (a collective waiting for a rank that died): end it, keeping the
     # previous checkpoint, rather than leave it running without a launcher.
     time.sleep(LAUNCHER_GRACE_S)
-    print(f"[pid {os.getpid()}] still running {LAUNCHER_GRACE_S:.0f} s after the launcher died: exiting now "
-          "(the previous checkpoint is kept)", file=sys.stderr, flush=True)
+    print(f"{me} still running {LAUNCHER_GRACE_S:.0f} s after the launcher died: exiting now (the previous "
+          "checkpoint is kept)", file=sys.stderr, flush=True)
     for child in multiprocessing.active_children():  # os._exit runs no atexit handler
         child.kill()
     os._exit(1)
@@ -230,24 +229,21 @@ class LossTracker:
     checking each micro-batch on the host would sync the GPU each time; one small all-reduce per step instead."""
 
     def __init__(self, keys: Sequence[str], device: torch.device) -> None:
-        self.keys = list(keys)
+        self.keys, self.pending_skipped = list(keys), 0
         self.sums = torch.zeros(len(self.keys) + 1, device=device)  # the terms' sums, then the batch count
         self.nonfinite = torch.zeros(len(self.keys), dtype=torch.bool, device=device)
-        self.pending_skipped = 0
 
     def add(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
         """Record one micro-batch; one whose samples were all skipped (``terms`` empty) is not counted."""
-        if not terms:
-            return
-        values = torch.stack([loss.detach(), *(terms[k] for k in self.keys[1:])]).float()
-        self.nonfinite |= ~torch.isfinite(values)
-        self.sums[:-1] += values
-        self.sums[-1] += 1
+        if terms:
+            values = torch.stack([loss.detach(), *(terms[k] for k in self.keys[1:])]).float()
+            self.nonfinite |= ~torch.isfinite(values)
+            self.sums += torch.cat([values, values.new_ones(1)])
 
     def end_step(self, accelerator: Accelerator, stop: bool) -> StepOutcome:
         """Agree with every process on non-finite terms, stop requests and skipped samples; reset the flags."""
-        flags = torch.stack([self.nonfinite.any().float(), torch.tensor(float(stop), device=accelerator.device),
-                             torch.tensor(float(self.pending_skipped), device=accelerator.device)])
+        flags = torch.tensor([0.0, float(stop), float(self.pending_skipped)], device=accelerator.device)
+        flags[0] = self.nonfinite.any().float()
         any_nonfinite, any_stop, skipped = accelerator.reduce(flags, reduction="sum").tolist()
         bad = [k for k, flag in zip(self.keys, self.nonfinite.tolist()) if flag]
         term = next((k for k in bad if k != "loss"), bad[0] if bad else "on another process") if any_nonfinite else None
@@ -264,7 +260,6 @@ class LossTracker:
 
 def metric_logger(accelerator: Accelerator, with_tracking: bool, log_file: str | None) -> Callable[[dict, int], None]:
     """``log(metrics, step)``: to the trackers (``--with_tracking``) and, from the main process, ``--log_file``."""
-
     failed = []
 
     def log(logs: dict, step: int) -> None:
@@ -278,7 +273,6 @@ def metric_logger(accelerator: Accelerator, with_tracking: bool, log_file: str |
                 failed.append(err)
                 logger.warning(f"--log_file {log_file}: cannot write to it ({err.strerror or err}); training goes "
                                "on without it (checkpoints and the export are unaffected)")
-
     return log
 
 
@@ -290,15 +284,14 @@ def show_progress_bars(accelerator: Accelerator) -> bool:
 def quiet_libraries(accelerator: Accelerator) -> None:
     """Library progress bars off where ours are; Python warnings as one line without their source line."""
     warnings.formatwarning = lambda message, category, *_, **__: f"{category.__name__}: {message}\n"
-    if show_progress_bars(accelerator):
-        return
-    import datasets
-    import huggingface_hub
-    import transformers
+    if not show_progress_bars(accelerator):
+        import datasets
+        import huggingface_hub
+        import transformers
 
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    huggingface_hub.utils.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+        huggingface_hub.utils.disable_progress_bars()
 
 
 def plural(count: int, noun: str) -> str:
@@ -361,15 +354,14 @@ if hasattr(os, "register_at_fork"):
 
 
 def fingerprint(value: object) -> object:
-    """A local folder as its name and a hash of its absolute path: nothing in the output names this machine's
-    paths. Anything else unchanged."""
+    """A local folder as its name and a hash of its absolute path (the output names no path of this machine)."""
     if isinstance(value, str) and source_kind(value) == "local":
         path = Path(value).expanduser().resolve()
         return f"local folder {path.name} #{hashlib.sha256(str(path).encode()).hexdigest()[:10]}"
     return value
 
 
-def settings_differences(ours: dict, theirs: dict) -> list[str]:
+def _differences(ours: dict, theirs: dict) -> list[str]:
     """``--flag A here, B there`` for each setting both record with different values."""
     names = {"global_batch_size": "a global batch (per-device batch x processes x accumulation steps) of",
              "mixed_precision": "--mixed_precision (or Accelerate's configuration)"}
@@ -395,9 +387,7 @@ def claim_output_dir(accelerator: Accelerator, output_dir: str, settings: dict, 
         except Exception as err:
             decision, failure = (type(err).__name__, one_line(err)), err
     if accelerator.num_processes > 1:
-        shared = [decision]
-        broadcast_object_list(shared, from_process=0)
-        decision = shared[0]
+        decision = broadcast_object_list([decision], from_process=0)[0]
     if failure is not None:
         raise failure
     if decision[0] != "ok":
@@ -424,12 +414,12 @@ def _lock(out: Path) -> None:
         probe = out / f".write-probe-{os.getpid()}"
         probe.write_bytes(b"probe" * 13)  # some bytes: a folder that holds nothing more refuses them
         probe.unlink()
-        if fcntl is None:
-            return
-        fd = os.open(out, os.O_RDONLY)
+        fd = os.open(out, os.O_RDONLY) if fcntl else None
     except OSError as err:
         raise OutputError(f"--output_dir {out}: cannot write there ({err.strerror or err}); choose a writable "
                           "folder") from None
+    if fd is None:
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -439,24 +429,30 @@ def _lock(out: Path) -> None:
     _HELD_LOCKS.add(fd)
 
 
-def _decide(out: Path, settings: dict, resume: str | None, overwrite: bool) -> str | None:
-    """This run's id (None: adopt the resumed checkpoint's), or a one-line refusal: the run in ``run.json`` is
-    continued only by a resume with its settings and is otherwise refused while it left checkpoints or an export;
-    files no run wrote are refused; ``overwrite`` starts a new run whatever the folder holds."""
+def _read_run_record(out: Path, overwrite: bool) -> dict | None:
+    """The run recorded in ``out/run.json`` (None: no record); an unreadable one is refused unless ``overwrite``."""
     try:
         previous = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).is_file() else None
         if previous is not None and not (isinstance(previous, dict) and isinstance(previous.get("settings"), dict)
                                          and previous.get("run_id")):
             raise ValueError("no run_id and settings in it")
+        return previous
     except (OSError, ValueError) as err:
         if not overwrite:
             raise UsageError(f"{out / RUN_FILE} cannot be read ({err}): pass --overwrite_output_dir to start a new "
                              f"run in {out}, or choose another --output_dir") from None
-        previous = None
-    checkpoints, exported = list_checkpoints(out), _export_files(out)
-    ours = {RUN_FILE, TRACKER_DIR, CHECKPOINT_DIR}
-    foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name not in ours)
-    differences = settings_differences(settings, previous["settings"]) if previous else []
+        return None
+
+
+def _decide(out: Path, settings: dict, resume: str | None, overwrite: bool) -> str | None:
+    """This run's id (None: adopt the resumed checkpoint's), or a one-line refusal: the run in ``run.json`` is
+    continued only by a resume with its settings and is otherwise refused while it left checkpoints or an export;
+    files no run wrote are refused; ``overwrite`` starts a new run whatever the folder holds."""
+    previous = _read_run_record(out, overwrite)
+    checkpoints = list_checkpoints(out)
+    foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")
+                     and p.name not in (RUN_FILE, TRACKER_DIR, CHECKPOINT_DIR))
+    differences = _differences(settings, previous["settings"]) if previous else []
     summary = "; ".join(differences[:3]) or "with the same settings"
     if overwrite:
         if previous or foreign or checkpoints:
@@ -464,14 +460,14 @@ def _decide(out: Path, settings: dict, resume: str | None, overwrite: bool) -> s
                            "but are no longer used, its export is replaced at the end" if previous else
                            f"files of no run of this one ({', '.join(foreign + [CHECKPOINT_DIR] * bool(checkpoints))})"))
         return uuid.uuid4().hex
+    if previous is not None and resume is not None:
+        if differences:
+            raise UsageError(f"--resume_from_checkpoint {resume}: the run in {out} had other settings: "
+                             f"{'; '.join(differences)}; resume with its settings, or pass --overwrite_output_dir "
+                             "to start a new run there")
+        return previous["run_id"]
     if previous is not None:
-        if resume is not None:
-            if differences:
-                raise UsageError(f"--resume_from_checkpoint {resume}: the run in {out} had other settings: "
-                                 f"{'; '.join(differences)}; resume with its settings, or pass --overwrite_output_dir "
-                                 "to start a new run there")
-            return previous["run_id"]
-        if checkpoints or exported:
+        if checkpoints or _export_files(out):
             raise UsageError(f"--output_dir {out} holds another run ({summary}): pass --resume_from_checkpoint "
                              "latest to continue it, --overwrite_output_dir to replace it, or choose another "
                              "--output_dir")
@@ -499,11 +495,11 @@ def check_log_file(path: str | None) -> None:
         raise OutputError(f"--log_file {path} is a folder: pass a file path such as {log / 'metrics.jsonl'}")
     try:
         log.parent.mkdir(parents=True, exist_ok=True)
-        if log.exists():
-            open(log, "a").close()
-        else:  # dot-named: ignored by the foreign-file check should the run die right here
-            probe = log.parent / f".log-probe-{os.getpid()}"
-            probe.write_bytes(b"")
+        # An existing file is opened for appending; else a dot-named probe (ignored by the foreign-file check
+        # should the run die right here) shows the folder takes new files.
+        probe = log if log.exists() else log.parent / f".log-probe-{os.getpid()}"
+        open(probe, "a").close()
+        if probe != log:
             probe.unlink()
     except OSError as err:
         raise OutputError(f"--log_file {path}: cannot write there ({err.strerror or err}); choose a writable "
@@ -513,10 +509,6 @@ def check_log_file(path: str | None) -> None:
 def _export_files(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir() if p.is_file() and any(fnmatch.fnmatch(p.name, pattern)
                                                                        for pattern in UPLOAD_PATTERNS))
-
-
-def _is_weights(name: str) -> bool:
-    return name.endswith(".safetensors") or name.startswith(("model.safetensors.index", "pytorch_model"))
 
 
 def write_json(path: Path, obj: object) -> None:
@@ -574,10 +566,9 @@ def after_write(accelerator: Accelerator, error: BaseException | None, what: str
     index, reason = (accelerator.process_index, reason) if error is not None else failed[0]
     if not reason:
         raise OutputError(f"process {index} failed while writing {what} to {folder} (its error is above)")
-    try:
+    free = None
+    with suppress(OSError):  # the folder may be gone, or on a file system that cannot say
         free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
-    except OSError:
-        free = None
     if reason == "the write failed" and free is not None and free < needed:
         reason = os.strerror(errno.ENOSPC)
     room = f"; {free / 1e6:.1f} MB free there" if free is not None else ""
@@ -585,53 +576,50 @@ def after_write(accelerator: Accelerator, error: BaseException | None, what: str
                       "some space or choose another --output_dir, then resume with --resume_from_checkpoint latest")
 
 
-class ExportWriter:
+@contextmanager
+def ExportWriter(accelerator: Accelerator, output_dir: str | Path, needed_bytes: int,  # noqa: N802 (was a class)
+                 keep_others: bool = False) -> Iterator[Path]:
     """``with ExportWriter(accelerator, output_dir, needed_bytes) as staging:`` the main process writes the export
     into ``staging``, moved into ``output_dir`` on leaving, all or nothing (a failed write leaves the folder as it
     was and raises :class:`OutputError` on every process). ``keep_others``: join the export in place (the card
     after the model) rather than replace it."""
-
-    def __init__(self, accelerator: Accelerator, output_dir: str | Path, needed_bytes: int,
-                 keep_others: bool = False) -> None:
-        self.accelerator, self.out, self.needed, self.keep_others = accelerator, Path(output_dir), needed_bytes, keep_others
-        self.staging, self.error = self.out / EXPORT_STAGING, None
-
-    def __enter__(self) -> Path:
-        if self.accelerator.is_main_process:
-            try:
-                shutil.rmtree(self.staging, ignore_errors=True)
-                self.staging.mkdir(parents=True)
-            except OSError as err:
-                self.error = err
-        return self.staging
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        error = self.error or exc
-        if error is None and self.accelerator.is_main_process:
-            try:
-                ready = self.out / EXPORT_READY  # from here on an interrupted move is finished at the next start
-                shutil.rmtree(ready, ignore_errors=True)
-                new = {p.name for p in self.staging.iterdir()}
-                stale = [] if self.keep_others else [p for p in self.out.iterdir() if p.name not in new
-                                                     and p.name in _export_files(self.out)]
-                os.replace(self.staging, ready)
-                for path in stale:
-                    path.unlink(missing_ok=True)
-                _move_export(ready, self.out)
-            except Exception as err:
-                error = err
-        after_write(self.accelerator, error, "the export", self.out, self.needed, cleanup=self.staging)
-        return False
+    out, error = Path(output_dir), None
+    staging, ready = out / EXPORT_STAGING, out / EXPORT_READY
+    if accelerator.is_main_process:
+        try:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        except OSError as err:
+            error = err
+    try:
+        yield staging
+    except BaseException as err:
+        error = error or err
+    if error is None and accelerator.is_main_process:
+        try:  # from the rename to .export-ready on, an interrupted move is finished at the next start
+            shutil.rmtree(ready, ignore_errors=True)
+            new = {p.name for p in staging.iterdir()}
+            stale = [] if keep_others else [out / n for n in _export_files(out) if n not in new]
+            os.replace(staging, ready)
+            for path in stale:
+                path.unlink(missing_ok=True)
+            _move_export(ready, out)
+        except Exception as err:
+            error = err
+    after_write(accelerator, error, "the export", out, needed_bytes, cleanup=staging)
 
 
 def _move_export(ready: Path, out: Path) -> None:
     """Rename the files of ``ready`` into ``out``: the previous weights are deleted first and the new weights
     come last, so a folder caught midway holds no weights (it fails to load, loudly) rather than a new
     config.json beside old weights."""
-    names = sorted((p.name for p in ready.iterdir()), key=_is_weights)
-    if any(_is_weights(name) for name in names):
+    def is_weights(name: str) -> bool:
+        return name.endswith(".safetensors") or name.startswith(("model.safetensors.index", "pytorch_model"))
+
+    names = sorted((p.name for p in ready.iterdir()), key=is_weights)
+    if any(map(is_weights, names)):
         for path in out.iterdir():
-            if path.is_file() and _is_weights(path.name):
+            if path.is_file() and is_weights(path.name):
                 path.unlink()
     for name in names:
         _fsync(ready / name)
@@ -642,12 +630,10 @@ def _move_export(ready: Path, out: Path) -> None:
 
 def _fsync(path: Path) -> None:
     """Flush a file or a folder's entries to disk, as far as the file system allows."""
-    try:
+    with suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
-    except OSError:
-        pass
 
 
 # --- Checkpoints: accelerate's save_state into a hidden folder, then a rename
@@ -665,24 +651,19 @@ class TrainState:
     skipped_samples: int = 0
 
 
-_CKPT_RE = re.compile(r"^step_(\d+)$")
-
-
-def _recorded_run_id(path: Path) -> str | None:
-    try:
-        return (json.loads((path / STATE_FILE).read_text()).get("run") or {}).get("run_id")
-    except (OSError, ValueError, AttributeError):
-        return "unreadable"
-
-
 def list_checkpoints(output_dir: str | Path, run_id: str | None = None) -> list[Path]:
     """The complete checkpoints (state file written) under ``output_dir/checkpoints``, oldest first; with
     ``run_id``, only that run's and those whose state file cannot be read (resume reports them as damaged)."""
+    def recorded_run_id(path: Path) -> str | None:
+        try:
+            return (json.loads((path / STATE_FILE).read_text()).get("run") or {}).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            return "unreadable"
+
     root = Path(output_dir) / CHECKPOINT_DIR
-    found = [p for p in root.iterdir() if p.is_dir() and _CKPT_RE.match(p.name) and (p / STATE_FILE).is_file()
+    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step_\d+", p.name)
+             and (p / STATE_FILE).is_file() and (run_id is None or recorded_run_id(p) in (run_id, "unreadable"))
              ] if root.is_dir() else []
-    if run_id is not None:
-        found = [p for p in found if _recorded_run_id(p) in (run_id, "unreadable")]
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
@@ -705,9 +686,10 @@ def save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, run: Run, 
     """Save the training state as ``checkpoints/step_XXXXXXXX``, all or nothing (``.tmp-`` folder, state file
     last, rename); keep this run's newest ``total_limit``, each renamed ``.del-`` before it is deleted."""
     step = state.completed_steps
-    check_finite_model(model, f"the checkpoint of step {step}")
+    what = f"the checkpoint of step {step}"
+    check_finite_model(model, what)
     root = run.output_dir / CHECKPOINT_DIR
-    final, what = root / f"step_{step:08d}", f"the checkpoint of step {step}"
+    final = root / f"step_{step:08d}"
     tmp = root / f".tmp-{final.name}"
     needed = 3 * state_bytes(accelerator.unwrap_model(model)) + 2**20  # weights and AdamW's two moments
     error = None
@@ -761,17 +743,14 @@ def _read_problem(err: BaseException) -> tuple[str, str]:
         detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[-1])
         return "refused", (f"it holds code or objects that torch.load(weights_only=True) refuses to build: {detail}; "
                            "nothing of it was loaded")
-    advice = ("Please file an issue", "Check the documentation")
-    detail = next((line for line in lines if not line.startswith(advice)), type(err).__name__)
+    detail = next((line for line in lines if not line.startswith(("Please file an issue", "Check the documentation"))),
+                  type(err).__name__)
     return "damaged", detail[: detail.index(". ") + 1] if len(detail) > 160 and ". " in detail else detail
 
 
 def checkpoint_problem(path: Path, accelerator: Accelerator) -> tuple[str, str] | None:
     """Why this process cannot resume from ``path``, found without changing any state: ``("damaged", what)`` for
     a missing, truncated or unreadable file, ``("refused", what)`` for a pickle holding code, else None."""
-    from accelerate.utils import load as accelerate_load
-    from safetensors import safe_open
-
     try:
         saved = json.loads((path / STATE_FILE).read_text())
         if not all(isinstance(saved.get(k), int) for k in ("completed_steps", "epoch", "samples_in_epoch")):
@@ -785,10 +764,10 @@ def checkpoint_problem(path: Path, accelerator: Accelerator) -> tuple[str, str] 
                 pass
     except Exception as err:  # missing, or a header that promises more bytes than the file holds
         return "damaged", f"model.safetensors: {_read_problem(err)[1]}"
-    rng = f"random_states_{accelerator.process_index}.pkl"
+    rng, saved_by = f"random_states_{accelerator.process_index}.pkl", saved.get("num_processes", 1)
     for name in ([] if sharded else ["optimizer.bin"]) + [rng]:
-        if name == rng and not (path / name).is_file() and accelerator.process_index >= saved.get("num_processes", 1):
-            logger.warning(f"{path} was saved by {plural(saved.get('num_processes', 1), 'process')}: process "
+        if name == rng and not (path / name).is_file() and accelerator.process_index >= saved_by:
+            logger.warning(f"{path} was saved by {plural(saved_by, 'process')}: process "
                            f"{accelerator.process_index} starts its random generators from the seed",
                            main_process_only=False)
             continue
@@ -804,25 +783,26 @@ def checkpoint_problem(path: Path, accelerator: Accelerator) -> tuple[str, str] 
     return None
 
 
-def resume_or_start(accelerator: Accelerator, run: Run, resume: str | None, schedule: dict) -> TrainState:
-    """Resume as ``--resume_from_checkpoint`` says (or start at step 0), then record the run in ``run.json``.
-
-    With ``latest`` a damaged checkpoint is passed over with a warning for the one before it (none whole: one
-    line); a named one must be whole; a pickle holding code is refused either way; a checkpoint of a run with
-    other settings or another ``schedule`` (the resolved step count) is an error naming each difference.
-    """
-    if resume == "latest":
-        candidates = list_checkpoints(run.output_dir, run.run_id)[::-1]
-        if not candidates:
-            logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {run.output_dir}; starting fresh")
-    elif resume is not None:
+def _resume_candidates(run: Run, resume: str | None) -> list[Path]:
+    """The checkpoints to try, newest first: this run's for ``latest``, the named one (which must be complete)."""
+    if resume is None:
+        return []
+    if resume != "latest":
         if not (Path(resume) / STATE_FILE).is_file():
             raise UsageError(f"--resume_from_checkpoint {resume}: not a complete checkpoint folder (no {STATE_FILE})")
-        candidates = [Path(resume)]
-    else:
-        candidates = []
+        return [Path(resume)]
+    candidates = list_checkpoints(run.output_dir, run.run_id)[::-1]
+    if not candidates:
+        logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {run.output_dir}; starting fresh")
+    return candidates
+
+
+def resume_or_start(accelerator: Accelerator, run: Run, resume: str | None, schedule: dict) -> TrainState:
+    """Resume as ``--resume_from_checkpoint`` says (or start at step 0), then record the run in ``run.json``.
+    ``latest`` passes over a damaged checkpoint for the one before it; a pickle holding code, or a run with other
+    settings or another ``schedule`` (the resolved step count), is refused in one line naming each difference."""
     state, broken = TrainState(), []
-    for path in candidates:
+    for path in _resume_candidates(run, resume):
         problem = checkpoint_problem(path, accelerator)
         if accelerator.num_processes > 1:  # every process checked its own files: all agree on the worst
             problems = [p for p in gather_object([problem]) if p is not None]
@@ -836,7 +816,7 @@ def resume_or_start(accelerator: Accelerator, run: Run, resume: str | None, sche
             continue
         saved = json.loads((path / STATE_FILE).read_text())
         recorded = (saved.get("run") or {}).get("settings") or {}
-        differences = settings_differences({**run.settings, **schedule}, {**recorded, **saved.get("schedule", {})})
+        differences = _differences({**run.settings, **schedule}, {**recorded, **saved.get("schedule", {})})
         if differences:
             raise UsageError(f"--resume_from_checkpoint {path}: its run had other settings: {'; '.join(differences)}; "
                              "resume with the same settings")
@@ -872,11 +852,8 @@ def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_labels: int, i
 
 
 def metrics_from_confusion(cm: torch.Tensor) -> dict[str, object]:
-    """``mean_iou``, ``mean_accuracy``, ``overall_accuracy``, ``per_category_iou``, ``per_category_accuracy``.
-
-    As ``evaluate``'s ``mean_iou``: a class absent from both labels and predictions has IoU None and is left out
-    of the means; accuracy is per ground-truth class.
-    """
+    """``mean_iou``, ``mean_accuracy``, ``overall_accuracy``, ``per_category_iou``, ``per_category_accuracy`` as
+    ``evaluate``'s ``mean_iou``: a class absent from labels and predictions has IoU None, left out of the means."""
     cm = cm.double().cpu()
     tp, label_area, pred_area = cm.diag(), cm.sum(dim=1), cm.sum(dim=0)
     nan = torch.full_like(tp, float("nan"))

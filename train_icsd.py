@@ -50,12 +50,9 @@ logger = get_logger(__name__)
 
 # The logged terms of each objective, as step_losses returns them ("loss", the total, is logged first).
 LOSS_TERMS: dict[str, tuple[str, ...]] = {
-    "none": ("ce",),
-    "kd": ("ce", "kd", "raw_kd"),
-    "cwd": ("ce", "cwd", "raw_cwd"),
-    "ickd": ("ce", "ickd", "raw_ickd"),
-    "icsd": ("ce", "ics", "kd", "raw_ce", "raw_ics", "raw_kd"),
-    "aicsd": ("ce", "ics", "kd", "raw_ce", "raw_ics", "raw_kd"),
+    "none": ("ce",), "kd": ("ce", "kd", "raw_kd"), "cwd": ("ce", "cwd", "raw_cwd"), "ickd": ("ce", "ickd", "raw_ickd"),
+    "icsd": ("ce", "ics", "kd", "raw_ce", "raw_ics", "raw_kd"), "aicsd": ("ce", "ics", "kd", "raw_ce", "raw_ics",
+                                                                          "raw_kd"),
 }
 DISTILL_MODES = tuple(LOSS_TERMS)
 # transformers' schedule names (get_scheduler); "poly" is "polynomial" with power 0.9, the segmentation default.
@@ -96,30 +93,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line, with defaults filled in from the dataset preset; a bad value raises UsageError."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
     g = p.add_argument_group("data").add_argument
-    g("--dataset", default=None, help=f"Preset ({', '.join(sorted(data.DATASET_PRESETS))}): its Hub id, classes, "
-                                      "crop and models become the defaults.")
-    g("--dataset_name", default=None, help="Hub id or local folder (default: the preset's; one of the two is needed).")
-    g("--dataset_config_name", default=None, help="Configuration of the dataset, if it has several.")
-    g("--image_column", default=None, help="Image column (default: found among image, pixel_values, img).")
-    g("--label_column", default=None, help="Label column (default: found among label, mask, annotation, gt, ...).")
-    g("--id2label", default=None, help="JSON file {id: name} (default: the dataset's id2label.json, else the preset's).")
-    g("--ignore_index", type=int, default=None, help="Label value to ignore (default: the preset's, else 255).")
+    g("--dataset", help=f"Preset ({', '.join(sorted(data.DATASET_PRESETS))}): its Hub id, classes, crop, models.")
+    g("--dataset_name", help="Hub id or local folder (default: the preset's; one of the two is needed).")
+    g("--dataset_config_name", help="Configuration of the dataset, if it has several.")
+    g("--image_column", help="Image column (default: found among image, pixel_values, img).")
+    g("--label_column", help="Label column (default: found among label, mask, annotation, gt, ...).")
+    g("--id2label", help="JSON file {id: name} (default: the dataset's id2label.json, else the preset's).")
+    g("--ignore_index", type=int, help="Label value to ignore (default: the preset's, else 255).")
     g("--do_reduce_labels", action="store_true", default=None,
       help="Label 0 becomes ignored, the others shift down by one, ADE20K style (default: the preset's, else off).")
     g("--train_split", default="train", help="Training split.")
-    g("--validation_split", default=None,
-      help="Evaluation split (default: validation/val/valid/test, else --train_val_split of train).")
-    g("--train_val_split", type=float, default=0.1, help="Share of train carved out (seeded) if there is no eval split.")
-    g("--crop_size", type=int, nargs="+", default=None, help="Training crop: S or H W (default: the preset's).")
-    g("--eval_short_side", type=int, default=None, help="Resize evaluation images to this short side (default: whole).")
-    g("--max_train_samples", type=int, default=None, help="Use only the first N training samples.")
-    g("--max_eval_samples", type=int, default=None, help="Use only the first N evaluation samples.")
+    g("--validation_split", help="Evaluation split (default: validation/val/valid/test, else --train_val_split).")
+    g("--train_val_split", type=float, default=0.1, help="Share of train carved out (seeded) without an eval split.")
+    g("--crop_size", type=int, nargs="+", help="Training crop: S or H W (default: the preset's).")
+    g("--eval_short_side", type=int, help="Resize evaluation images to this short side (default: whole images).")
+    g("--max_train_samples", type=int, help="Use only the first N training samples.")
+    g("--max_eval_samples", type=int, help="Use only the first N evaluation samples.")
     g("--skip_bad_samples", action="store_true", help="Skip (and count) undecodable samples.")
     g("--dataloader_num_workers", type=int, default=2, help="DataLoader worker processes per process.")
     g = p.add_argument_group("models").add_argument
-    g("--teacher_model_name_or_path", default=None,
-      help="Hub id, local folder (e.g. a --distill none run) or config: preset (default: the preset's teacher).")
-    g("--student_model_name_or_path", "--model_name_or_path", default=None,
+    g("--teacher_model_name_or_path", help="Hub id, local folder (e.g. a --distill none run) or config: preset "
+                                           "(default: the preset's teacher).")
+    g("--student_model_name_or_path", "--model_name_or_path",
       help="Hub id, local folder or config: preset (default: the dataset preset's student).")
     g("--trust_remote_code", action="store_true", help="Allow models and datasets to run their own code.")
     g("--eval_teacher", action="store_true", help="Evaluate the teacher once before training.")
@@ -133,49 +128,44 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g("--temperature", type=float, default=alw.DEFAULT_TEMPERATURE, help="Softmax temperature T of KD, ICSD, CWD.")
     g("--alw_granularity", choices=("step", "epoch"), default="step",
       help="ALW's alpha rises every optimizer step (step / steps) or once per epoch (epoch / epochs: the paper's).")
-    g("--teacher_cache", default=None, metavar="DIR",
-      help="Keep the teacher's logits over the whole training images in DIR (reused by a run with the same teacher, "
-           "data and classes), cropped, scaled and flipped as each image: training then runs no teacher.")
+    g("--teacher_cache", metavar="DIR",
+      help="Keep the teacher's logits of the whole training images in DIR (reused when teacher, data and classes "
+           "match), cropped, scaled and flipped as each image: training then runs no teacher.")
     g("--teacher_cache_stride", type=int, default=1,
       help="Keep the cached logits this many times coarser than the teacher's output (2: a quarter of the bytes).")
     g = p.add_argument_group("optimization").add_argument
     g("--per_device_train_batch_size", type=int, default=8, help="Training batch per process.")
     g("--per_device_eval_batch_size", type=int, default=4, help="Evaluation batch per process.")
-    g("--learning_rate", type=float, default=6e-5,
-      help="AdamW learning rate; suits pretrained models (config: models from scratch need ~1e-3).")
+    g("--learning_rate", type=float, default=6e-5, help="AdamW learning rate (config: models from scratch need ~1e-3).")
     g("--weight_decay", type=float, default=0.01, help="AdamW weight decay.")
     g("--num_train_epochs", type=int, default=50, help="Epochs, unless --max_train_steps is given.")
-    g("--max_train_steps", type=int, default=None,
-      help="Optimizer steps; overrides --num_train_epochs (default: epochs x steps per epoch).")
+    g("--max_train_steps", type=int, help="Optimizer steps; overrides --num_train_epochs (default: epochs x steps "
+                                          "per epoch).")
     g("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
     g("--lr_scheduler_type", choices=SCHEDULERS, default="poly",
       help="Learning-rate schedule (transformers' get_scheduler; poly: polynomial, power 0.9).")
     g("--num_warmup_steps", type=int, default=0, help="Linear warm-up steps.")
-    g("--max_grad_norm", type=float, default=None, help="Clip gradients to this norm (default: no clipping).")
-    g("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
+    g("--max_grad_norm", type=float, help="Clip gradients to this norm (default: no clipping).")
+    g("--mixed_precision", choices=("no", "fp16", "bf16"),
       help="Mixed precision (default: what `accelerate config` / `accelerate launch` says).")
     g("--seed", type=int, default=42, help="Seed of data order, augmentation, initialization.")
     g = p.add_argument_group("output").add_argument
     g("--output_dir", default="outputs/aicsd", help="Where the student, checkpoints and logs go.")
-    g("--overwrite_output_dir", action="store_true",
-      help="Start a new run in --output_dir even if it holds another run's files or files no run wrote (the "
-           "export is replaced at the end; other files stay).")
-    g("--checkpointing_steps", default=None,
-      help="Save the training state every N optimizer steps, or 'epoch' (default: no checkpoints).")
-    g("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints (default: all).")
-    g("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest' (default: start afresh).")
-    g("--eval_steps", type=int, default=None, help="Evaluate every N optimizer steps (default: only at the end).")
+    g("--overwrite_output_dir", action="store_true", help="Start a new run in --output_dir even if it holds another "
+                                                          "run's files or files no run wrote (the export is replaced).")
+    g("--checkpointing_steps", help="Save the training state every N optimizer steps, or 'epoch' (default: never).")
+    g("--checkpoints_total_limit", type=int, help="Keep only the newest N checkpoints (default: keep all).")
+    g("--resume_from_checkpoint", help="A checkpoint folder, or 'latest' (default: start afresh).")
+    g("--eval_steps", type=int, help="Evaluate every N optimizer steps (default: only at the end).")
     g("--logging_steps", type=int, default=10, help="Log the loss terms every N optimizer steps.")
     g("--with_tracking", action="store_true", help="Log to the trackers of --report_to.")
     g("--report_to", default="all", help="Tracker(s) for --with_tracking: tensorboard, wandb, ..., all.")
-    g("--log_file", default=None,
-      help="Append the logged metrics, averaged over all processes, as JSON lines ({'step': N, 'train/loss': ...}); "
-           "needs no tracker. A resume logs the steps after its checkpoint again (the later line wins). (default: none)")
+    g("--log_file", help="Append the logged metrics, averaged over all processes, as JSON lines ({'step': N, ...}); a "
+                         "resume logs the steps after its checkpoint again, the later line wins. (default: none)")
     g("--push_to_hub", action="store_true", help="Push the student and its model card to the Hub.")
-    g("--hub_model_id", default=None, help="Hub repo id (default: the output folder's name).")
+    g("--hub_model_id", help="Hub repo id (default: the output folder's name).")
     g("--hub_private_repo", action="store_true", help="Create the Hub repo private.")
-    g("--hub_license", default=None,
-      help="Licence id for the model card, e.g. apache-2.0 (default: the dataset card's license).")
+    g("--hub_license", help="Licence id for the model card, e.g. apache-2.0 (default: the dataset card's license).")
     g("--num_pictures", type=int, default=utils_hub.DEFAULT_NUM_PICTURES,
       help="Validation images drawn in predictions.png and ics.png (0: no pictures).")
     args = p.parse_args(argv)
@@ -271,7 +261,8 @@ def run_settings(args: argparse.Namespace, accelerator: Accelerator) -> dict:
         num_train_epochs=None if args.max_train_steps is not None else args.num_train_epochs,  # steps override it
         teacher_cache=args.teacher_cache is not None,  # cached or live logits, wherever they are kept
         teacher_cache_stride=args.teacher_cache_stride if args.teacher_cache else None,
-        global_batch_size=args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+        global_batch_size=args.per_device_train_batch_size * accelerator.num_processes
+        * args.gradient_accumulation_steps,
         mixed_precision=accelerator.mixed_precision)
     return json.loads(json.dumps(settings))  # tuples as lists, as a reread run.json holds them
 
@@ -581,17 +572,18 @@ def inference_timing(accelerator: Accelerator, roles: dict, eval_ds) -> utils_hu
     if sample is None:
         return None
     pixels, times = data.eval_collate([sample])["pixel_values"].to(accelerator.device), {}  # padded as evaluated
+    cuda = accelerator.device.type == "cuda"
     for role, (model, adapter) in roles.items():
         laps = []
         for _ in range(6):
             started = time.perf_counter()
             with accelerator.autocast():
                 models.segmentation_logits(model, adapter(pixels))
-            if accelerator.device.type == "cuda":
+            if cuda:
                 torch.cuda.synchronize()
             laps.append(1000 * (time.perf_counter() - started))
         times[role] = sorted(laps[1:])[2]
-    device = torch.cuda.get_device_name() if accelerator.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     return utils_hub.InferenceTiming(device=device, student_ms=times["student"], teacher_ms=times.get("teacher"),
                                      image_size=tuple(pixels.shape[-2:]))
 
@@ -615,7 +607,8 @@ def save_card(args, accelerator: Accelerator, student, nets, loaders, eval_hf, i
                 staging, args=args, info=info, results=results, processor=nets.processor, rows=rows, argv=sys.argv,
                 student=describe(args.student_model_name_or_path, unwrapped), timing=timing,
                 teacher=None if nets.teacher is None else describe(args.teacher_model_name_or_path, nets.teacher),
-                dataset=utils_hub.describe_dataset(info, split, len(loaders.eval_ds), args.max_eval_samples is not None))
+                dataset=utils_hub.describe_dataset(info, split, len(loaders.eval_ds), args.max_eval_samples is not None),
+            )
     if args.push_to_hub and accelerator.is_main_process:
         utils_hub.push_to_hub(args.output_dir, args.hub_model_id, private=args.hub_private_repo,
                               commit_message=f"AICSD student ({args.distill})")
@@ -655,8 +648,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     results = {}
     if args.eval_teacher and nets.teacher is not None:  # stopped by SIGTERM: so is training, at its first step
         metrics, _ = evaluate(accelerator, nets.teacher, nets.teacher_adapter, loaders.eval, info, "eval teacher")
-        results = {f"teacher_eval_{k}": v for k, v in (metrics or {}).items()}
-        logger.info(f"teacher: {utils.format_metrics(results, 'teacher_eval_')}")
+        if metrics is not None:
+            results = {f"teacher_eval_{k}": v for k, v in metrics.items()}
+            logger.info(f"teacher: {utils.format_metrics(metrics)}")
 
     extra = {"schedule": {"max_train_steps": plan.max_train_steps}, "alw_total": plan.alw_total,
              "alw_granularity": args.alw_granularity, "distill": args.distill}

@@ -50,12 +50,9 @@ logger = get_logger(__name__)
 
 # The logged terms of each objective, as step_losses returns them ("loss", the total, is logged first).
 LOSS_TERMS: dict[str, tuple[str, ...]] = {
-    "none": ("ce",),
-    "kd": ("ce", "kd", "raw_kd"),
-    "cwd": ("ce", "cwd", "raw_cwd"),
-    "ickd": ("ce", "ickd", "raw_ickd"),
-    "icsd": ("ce", "ics", "kd", "raw_ce", "raw_ics", "raw_kd"),
-    "aicsd": ("ce", "ics", "kd", "raw_ce", "raw_ics", "raw_kd"),
+    "none": ("ce",), "kd": ("ce", "kd", "raw_kd"), "cwd": ("ce", "cwd", "raw_cwd"), "ickd": ("ce", "ickd", "raw_ickd"),
+    "icsd": ("ce", "ics", "kd", "raw_ce", "raw_ics", "raw_kd"), "aicsd": ("ce", "ics", "kd", "raw_ce", "raw_ics",
+                                                                          "raw_kd"),
 }
 DISTILL_MODES = tuple(LOSS_TERMS)
 # transformers' schedule names (get_scheduler); "poly" is "polynomial" with power 0.9, the segmentation default.
@@ -71,6 +68,14 @@ RUN_SETTINGS = (
     "learning_rate", "weight_decay", "lr_scheduler_type", "num_warmup_steps", "max_grad_norm", "max_train_steps",
     "num_train_epochs", "teacher_cache", "teacher_cache_stride",
 )
+# Refused before anything runs, as they would fail later or train silently wrong: a negative clip norm ascends the
+# gradient, 0 freezes the model, a negative weight flips a loss term.
+AT_LEAST_1 = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+              "num_train_epochs", "logging_steps", "max_train_steps", "eval_steps", "checkpoints_total_limit",
+              "max_train_samples", "max_eval_samples", "eval_short_side", "teacher_cache_stride")
+AT_LEAST_0 = ("num_pictures", "dataloader_num_workers", "num_warmup_steps")
+FINITE_POSITIVE = ("learning_rate", "temperature", "max_grad_norm")
+FINITE_NON_NEGATIVE = ("weight_decay", "lambda_ics", "lambda_kd", "lambda_cwd", "lambda_ickd")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -80,114 +85,89 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         text = action.help or ""
         if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
             return text
-        if action.default is None or action.default is False:
-            return f"{text} (default: {'none' if action.default is None else 'off'})"
-        return f"{text} (default: %(default)s)"
+        shown = "none" if action.default is None else "off" if action.default is False else "%(default)s"
+        return f"{text} (default: {shown})"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line, with defaults filled in from the dataset preset; a bad value raises UsageError."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=None,
-                   help=f"Preset, one of {', '.join(sorted(data.DATASET_PRESETS))}: its Hub id, classes, crop and "
-                        "models become the defaults.")
-    g.add_argument("--dataset_name", default=None,
-                   help="Hub id or local folder (default: the preset's Hub id; one of the two is needed).")
-    g.add_argument("--dataset_config_name", default=None, help="Configuration of the dataset, if it has several.")
-    g.add_argument("--image_column", default=None, help="Image column (default: found among image, pixel_values, img).")
-    g.add_argument("--label_column", default=None,
-                   help="Label column (default: found among label, mask, annotation, segmentation, gt, ...).")
-    g.add_argument("--id2label", default=None,
-                   help="JSON file {id: name} (default: the dataset's id2label.json, else the preset's classes).")
-    g.add_argument("--ignore_index", type=int, default=None, help="Label value to ignore (default: the preset's, else 255).")
-    g.add_argument("--do_reduce_labels", action="store_true", default=None,
-                   help="Map label 0 to the ignore index and shift the others down by one, ADE20K style "
-                        "(default: the preset's, else off).")
-    g.add_argument("--train_split", default="train", help="Training split.")
-    g.add_argument("--validation_split", default=None,
-                   help="Evaluation split (default: validation/val/valid/test, else --train_val_split of train).")
-    g.add_argument("--train_val_split", type=float, default=0.1,
-                   help="Share of train carved out (with the seed) when the dataset has no evaluation split.")
-    g.add_argument("--crop_size", type=int, nargs="+", default=None, help="Training crop: S or H W (default: the preset's).")
-    g.add_argument("--eval_short_side", type=int, default=None,
-                   help="Resize evaluation images to this short side (default: whole images).")
-    g.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N training samples.")
-    g.add_argument("--max_eval_samples", type=int, default=None, help="Use only the first N evaluation samples.")
-    g.add_argument("--skip_bad_samples", action="store_true", help="Skip (and count) undecodable samples.")
-    g.add_argument("--dataloader_num_workers", type=int, default=2, help="DataLoader worker processes per process.")
-
-    g = p.add_argument_group("models")
-    g.add_argument("--teacher_model_name_or_path", default=None,
-                   help="Hub id, local folder (e.g. an earlier --distill none run) or config: preset "
-                        "(default: the dataset preset's teacher).")
-    g.add_argument("--student_model_name_or_path", "--model_name_or_path", default=None,
-                   help="Hub id, local folder or config: preset (default: the dataset preset's student).")
-    g.add_argument("--trust_remote_code", action="store_true", help="Allow models and datasets to run their own code.")
-    g.add_argument("--eval_teacher", action="store_true", help="Evaluate the teacher once before training.")
-
-    g = p.add_argument_group("distillation")
-    g.add_argument("--distill", choices=DISTILL_MODES, default="aicsd",
-                   help="Objective: none (CE only; also trains a teacher), kd, cwd, ickd, icsd (fixed weights) or aicsd.")
-    g.add_argument("--lambda_ics", type=float, default=alw.DEFAULT_LAMBDA_ICS, help="Weight of ICSD.")
-    g.add_argument("--lambda_kd", type=float, default=alw.DEFAULT_LAMBDA_KD, help="Weight of pixel-wise KD.")
-    g.add_argument("--lambda_cwd", type=float, default=3.0, help="Weight of the CWD baseline.")
-    g.add_argument("--lambda_ickd", type=float, default=10.0, help="Weight of the ICKD baseline.")
-    g.add_argument("--temperature", type=float, default=alw.DEFAULT_TEMPERATURE, help="Softmax temperature T of KD, ICSD, CWD.")
-    g.add_argument("--alw_granularity", choices=("step", "epoch"), default="step",
-                   help="How ALW's alpha rises from 0 to 1: every optimizer step (alpha = step / steps), or once per "
-                        "epoch (alpha = epoch / epochs), which reproduces the paper exactly.")
-    g.add_argument("--teacher_cache", default=None, metavar="DIR",
-                   help="Run the teacher once over the whole training images and keep its logits in DIR (reused by "
-                        "a later run with the same teacher, data and classes); each sample's logits are then cropped, "
-                        "scaled and flipped as its image, and training runs no teacher.")
-    g.add_argument("--teacher_cache_stride", type=int, default=1,
-                   help="Keep the cached logits this many times coarser than the teacher's output (2: a quarter of "
-                        "the bytes).")
-
-    g = p.add_argument_group("optimization")
-    g.add_argument("--per_device_train_batch_size", type=int, default=8, help="Training batch per process.")
-    g.add_argument("--per_device_eval_batch_size", type=int, default=4, help="Evaluation batch per process.")
-    g.add_argument("--learning_rate", type=float, default=6e-5,
-                   help="AdamW learning rate; suits pretrained models (config: models from scratch need ~1e-3).")
-    g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay.")
-    g.add_argument("--num_train_epochs", type=int, default=50, help="Epochs, unless --max_train_steps is given.")
-    g.add_argument("--max_train_steps", type=int, default=None,
-                   help="Optimizer steps; overrides --num_train_epochs (default: epochs x steps per epoch).")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
-    g.add_argument("--lr_scheduler_type", choices=SCHEDULERS, default="poly",
-                   help="Learning-rate schedule (transformers' get_scheduler; poly: polynomial, power 0.9).")
-    g.add_argument("--num_warmup_steps", type=int, default=0, help="Linear warm-up steps.")
-    g.add_argument("--max_grad_norm", type=float, default=None, help="Clip gradients to this norm (default: no clipping).")
-    g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
-                   help="Mixed precision (default: what `accelerate config` / `accelerate launch` says).")
-    g.add_argument("--seed", type=int, default=42, help="Seed of data order, augmentation, initialization.")
-
-    g = p.add_argument_group("output")
-    g.add_argument("--output_dir", default="outputs/aicsd", help="Where the student, checkpoints and logs go.")
-    g.add_argument("--overwrite_output_dir", action="store_true",
-                   help="Start a new run in --output_dir even if it holds another run's files or files no run "
-                        "wrote (the export is replaced at the end; other files stay).")
-    g.add_argument("--checkpointing_steps", default=None,
-                   help="Save the training state every N optimizer steps, or 'epoch' (default: no checkpoints).")
-    g.add_argument("--checkpoints_total_limit", type=int, default=None,
-                   help="Keep only the newest N checkpoints (default: keep all).")
-    g.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest' (default: start afresh).")
-    g.add_argument("--eval_steps", type=int, default=None, help="Evaluate every N optimizer steps (default: only at the end).")
-    g.add_argument("--logging_steps", type=int, default=10, help="Log the loss terms every N optimizer steps.")
-    g.add_argument("--with_tracking", action="store_true", help="Log to the trackers of --report_to.")
-    g.add_argument("--report_to", default="all", help="Tracker(s) for --with_tracking: tensorboard, wandb, ..., all.")
-    g.add_argument("--log_file", default=None,
-                   help="Append the logged metrics as JSON lines ({'step': N, 'train/loss': ...}) from the main "
-                        "process, averaged over all processes; needs no tracker. After a resume, the steps after "
-                        "the checkpoint are logged again (the later line wins). (default: none)")
-    g.add_argument("--push_to_hub", action="store_true", help="Push the student and its model card to the Hub.")
-    g.add_argument("--hub_model_id", default=None, help="Hub repo id (default: the output folder's name).")
-    g.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo private.")
-    g.add_argument("--hub_license", default=None,
-                   help="Licence id for the model card, e.g. apache-2.0 (default: the dataset card's license).")
-    g.add_argument("--num_pictures", type=int, default=utils_hub.DEFAULT_NUM_PICTURES,
-                   help="Validation images drawn in predictions.png and ics.png (0: no pictures).")
+    g = p.add_argument_group("data").add_argument
+    g("--dataset", help=f"Preset ({', '.join(sorted(data.DATASET_PRESETS))}): its Hub id, classes, crop, models.")
+    g("--dataset_name", help="Hub id or local folder (default: the preset's; one of the two is needed).")
+    g("--dataset_config_name", help="Configuration of the dataset, if it has several.")
+    g("--image_column", help="Image column (default: found among image, pixel_values, img).")
+    g("--label_column", help="Label column (default: found among label, mask, annotation, gt, ...).")
+    g("--id2label", help="JSON file {id: name} (default: the dataset's id2label.json, else the preset's).")
+    g("--ignore_index", type=int, help="Label value to ignore (default: the preset's, else 255).")
+    g("--do_reduce_labels", action="store_true", default=None,
+      help="Label 0 becomes ignored, the others shift down by one, ADE20K style (default: the preset's, else off).")
+    g("--train_split", default="train", help="Training split.")
+    g("--validation_split", help="Evaluation split (default: validation/val/valid/test, else --train_val_split).")
+    g("--train_val_split", type=float, default=0.1, help="Share of train carved out (seeded) without an eval split.")
+    g("--crop_size", type=int, nargs="+", help="Training crop: S or H W (default: the preset's).")
+    g("--eval_short_side", type=int, help="Resize evaluation images to this short side (default: whole images).")
+    g("--max_train_samples", type=int, help="Use only the first N training samples.")
+    g("--max_eval_samples", type=int, help="Use only the first N evaluation samples.")
+    g("--skip_bad_samples", action="store_true", help="Skip (and count) undecodable samples.")
+    g("--dataloader_num_workers", type=int, default=2, help="DataLoader worker processes per process.")
+    g = p.add_argument_group("models").add_argument
+    g("--teacher_model_name_or_path", help="Hub id, local folder (e.g. a --distill none run) or config: preset "
+                                           "(default: the preset's teacher).")
+    g("--student_model_name_or_path", "--model_name_or_path",
+      help="Hub id, local folder or config: preset (default: the dataset preset's student).")
+    g("--trust_remote_code", action="store_true", help="Allow models and datasets to run their own code.")
+    g("--eval_teacher", action="store_true", help="Evaluate the teacher once before training.")
+    g = p.add_argument_group("distillation").add_argument
+    g("--distill", choices=DISTILL_MODES, default="aicsd",
+      help="Objective: none (CE only; also trains a teacher), kd, cwd, ickd, icsd (fixed weights) or aicsd.")
+    g("--lambda_ics", type=float, default=alw.DEFAULT_LAMBDA_ICS, help="Weight of ICSD.")
+    g("--lambda_kd", type=float, default=alw.DEFAULT_LAMBDA_KD, help="Weight of pixel-wise KD.")
+    g("--lambda_cwd", type=float, default=3.0, help="Weight of the CWD baseline.")
+    g("--lambda_ickd", type=float, default=10.0, help="Weight of the ICKD baseline.")
+    g("--temperature", type=float, default=alw.DEFAULT_TEMPERATURE, help="Softmax temperature T of KD, ICSD, CWD.")
+    g("--alw_granularity", choices=("step", "epoch"), default="step",
+      help="ALW's alpha rises every optimizer step (step / steps) or once per epoch (epoch / epochs: the paper's).")
+    g("--teacher_cache", metavar="DIR",
+      help="Keep the teacher's logits of the whole training images in DIR (reused when teacher, data and classes "
+           "match), cropped, scaled and flipped as each image: training then runs no teacher.")
+    g("--teacher_cache_stride", type=int, default=1,
+      help="Keep the cached logits this many times coarser than the teacher's output (2: a quarter of the bytes).")
+    g = p.add_argument_group("optimization").add_argument
+    g("--per_device_train_batch_size", type=int, default=8, help="Training batch per process.")
+    g("--per_device_eval_batch_size", type=int, default=4, help="Evaluation batch per process.")
+    g("--learning_rate", type=float, default=6e-5, help="AdamW learning rate (config: models from scratch need ~1e-3).")
+    g("--weight_decay", type=float, default=0.01, help="AdamW weight decay.")
+    g("--num_train_epochs", type=int, default=50, help="Epochs, unless --max_train_steps is given.")
+    g("--max_train_steps", type=int, help="Optimizer steps; overrides --num_train_epochs (default: epochs x steps "
+                                          "per epoch).")
+    g("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
+    g("--lr_scheduler_type", choices=SCHEDULERS, default="poly",
+      help="Learning-rate schedule (transformers' get_scheduler; poly: polynomial, power 0.9).")
+    g("--num_warmup_steps", type=int, default=0, help="Linear warm-up steps.")
+    g("--max_grad_norm", type=float, help="Clip gradients to this norm (default: no clipping).")
+    g("--mixed_precision", choices=("no", "fp16", "bf16"),
+      help="Mixed precision (default: what `accelerate config` / `accelerate launch` says).")
+    g("--seed", type=int, default=42, help="Seed of data order, augmentation, initialization.")
+    g = p.add_argument_group("output").add_argument
+    g("--output_dir", default="outputs/aicsd", help="Where the student, checkpoints and logs go.")
+    g("--overwrite_output_dir", action="store_true", help="Start a new run in --output_dir even if it holds another "
+                                                          "run's files or files no run wrote (the export is replaced).")
+    g("--checkpointing_steps", help="Save the training state every N optimizer steps, or 'epoch' (default: never).")
+    g("--checkpoints_total_limit", type=int, help="Keep only the newest N checkpoints (default: keep all).")
+    g("--resume_from_checkpoint", help="A checkpoint folder, or 'latest' (default: start afresh).")
+    g("--eval_steps", type=int, help="Evaluate every N optimizer steps (default: only at the end).")
+    g("--logging_steps", type=int, default=10, help="Log the loss terms every N optimizer steps.")
+    g("--with_tracking", action="store_true", help="Log to the trackers of --report_to.")
+    g("--report_to", default="all", help="Tracker(s) for --with_tracking: tensorboard, wandb, ..., all.")
+    g("--log_file", help="Append the logged metrics, averaged over all processes, as JSON lines ({'step': N, ...}); a "
+                         "resume logs the steps after its checkpoint again, the later line wins. (default: none)")
+    g("--push_to_hub", action="store_true", help="Push the student and its model card to the Hub.")
+    g("--hub_model_id", help="Hub repo id (default: the output folder's name).")
+    g("--hub_private_repo", action="store_true", help="Create the Hub repo private.")
+    g("--hub_license", help="Licence id for the model card, e.g. apache-2.0 (default: the dataset card's license).")
+    g("--num_pictures", type=int, default=utils_hub.DEFAULT_NUM_PICTURES,
+      help="Validation images drawn in predictions.png and ics.png (0: no pictures).")
     args = p.parse_args(argv)
     _resolve_defaults(args)
     _check_values(args)
@@ -221,8 +201,7 @@ def _resolve_defaults(args: argparse.Namespace) -> None:
         args.ignore_index = preset.ignore_index if preset else 255
     if args.do_reduce_labels is None:
         args.do_reduce_labels = preset is not None and preset.label_handling == data.LABELS_REDUCE
-    if args.lr_scheduler_type == "poly":
-        args.lr_scheduler_type = "polynomial"
+    args.lr_scheduler_type = "polynomial" if args.lr_scheduler_type == "poly" else args.lr_scheduler_type
     if args.push_to_hub and args.hub_model_id is None:
         args.hub_model_id = Path(args.output_dir).resolve().name
         if problem := utils_hub.repo_id_problem(args.hub_model_id):
@@ -230,30 +209,23 @@ def _resolve_defaults(args: argparse.Namespace) -> None:
 
 
 def _check_values(args: argparse.Namespace) -> None:
-    """Refuse values that would fail later or train silently wrong (a negative clip norm ascends the gradient,
-    0 freezes the model, a negative weight flips a loss term), and a push that would fail after training."""
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                 "num_train_epochs", "logging_steps", "max_train_steps", "eval_steps", "checkpoints_total_limit",
-                 "max_train_samples", "max_eval_samples", "eval_short_side"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1; got {getattr(args, name)}")
-    for name in ("num_pictures", "dataloader_num_workers", "num_warmup_steps"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name} must be >= 0; got {getattr(args, name)}")
+    """Refuse the values of :data:`AT_LEAST_1` and its kin that would fail later or train silently wrong, a tracker
+    that is not installed and a push that would fail after training."""
+    for name in AT_LEAST_1 + AT_LEAST_0:
+        value, least = getattr(args, name), 1 if name in AT_LEAST_1 else 0
+        if value is not None and value < least:
+            raise UsageError(f"--{name} must be >= {least}; got {value}")
+    for name in FINITE_POSITIVE + FINITE_NON_NEGATIVE:
+        value, positive = getattr(args, name), name in FINITE_POSITIVE
+        if value is not None and not (math.isfinite(value) and (value > 0 or value == 0 and not positive)):
+            raise UsageError(f"--{name} must be a finite number {'> 0' if positive else '>= 0'}; got {value}")
     if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be in [0, 2**32); got {args.seed}")
     if args.teacher_cache is not None and args.distill == "none":
         raise UsageError("--teacher_cache keeps a teacher's logits, but --distill none trains without a teacher: drop "
                          "it, or pick a distilling --distill (kd, cwd, ickd, icsd, aicsd)")
-    if args.teacher_cache_stride < 1:
-        raise UsageError(f"--teacher_cache_stride must be >= 1; got {args.teacher_cache_stride}")
     if not 0 < args.train_val_split < 1:
         raise UsageError(f"--train_val_split must be between 0 and 1; got {args.train_val_split}")
-    for name in ("learning_rate", "temperature", "max_grad_norm", "weight_decay", "lambda_ics", "lambda_kd",
-                 "lambda_cwd", "lambda_ickd"):
-        value, rule = getattr(args, name), "> 0" if name in ("learning_rate", "temperature", "max_grad_norm") else ">= 0"
-        if value is not None and not (math.isfinite(value) and (value > 0 if rule == "> 0" else value >= 0)):
-            raise UsageError(f"--{name} must be a finite number {rule}; got {value}")
     if args.checkpointing_steps not in (None, "epoch") and not (
             args.checkpointing_steps.isdigit() and int(args.checkpointing_steps) >= 1):
         raise UsageError(f"--checkpointing_steps takes a positive integer or 'epoch'; got {args.checkpointing_steps!r}")
@@ -263,12 +235,11 @@ def _check_values(args: argparse.Namespace) -> None:
     if args.with_tracking:
         from accelerate.tracking import get_available_trackers
 
-        available = sorted(str(getattr(t, "value", t)) for t in get_available_trackers())
+        installed = sorted(str(getattr(t, "value", t)) for t in get_available_trackers())
         asked = [name.strip() for name in args.report_to.split(",")]
-        missing = [name for name in asked if name not in available and not (name == "all" and available)]
-        if missing:
+        if missing := [n for n in asked if n not in installed and not (n == "all" and installed)]:
             raise UsageError(f"--report_to {args.report_to}: {', '.join(missing)} is not an installed tracker; "
-                             f"installed: {', '.join(available) or 'none (pip install tensorboard, for one)'}")
+                             f"installed: {', '.join(installed) or 'none (pip install tensorboard, for one)'}")
     if args.push_to_hub:
         try:
             utils_hub.probe_hub_login()
@@ -282,18 +253,17 @@ def run_settings(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     """What defines the run, as ``run.json`` records it: :data:`RUN_SETTINGS`, the global batch and the mixed
     precision. A local folder is recorded by name and fingerprint, never its path; the id2label file by content."""
     settings = {name: utils.fingerprint(getattr(args, name)) for name in RUN_SETTINGS}
-    if args.distill == "none":
-        settings["teacher_model_name_or_path"] = None
-    if args.id2label:
-        settings["id2label"] = hashlib.sha256(Path(args.id2label).read_bytes()).hexdigest()[:10] if Path(
-            args.id2label).is_file() else args.id2label
-    if args.max_train_steps is not None:
-        settings["num_train_epochs"] = None  # overridden
-    settings["teacher_cache"] = args.teacher_cache is not None  # cached or live logits, wherever they are kept
-    settings["teacher_cache_stride"] = args.teacher_cache_stride if args.teacher_cache else None
-    settings["global_batch_size"] = (args.per_device_train_batch_size * accelerator.num_processes
-                                     * args.gradient_accumulation_steps)
-    settings["mixed_precision"] = accelerator.mixed_precision
+    id2label = Path(args.id2label) if args.id2label else None
+    settings.update(
+        teacher_model_name_or_path=None if args.distill == "none" else settings["teacher_model_name_or_path"],
+        id2label=hashlib.sha256(id2label.read_bytes()).hexdigest()[:10] if id2label and id2label.is_file()
+        else args.id2label,
+        num_train_epochs=None if args.max_train_steps is not None else args.num_train_epochs,  # steps override it
+        teacher_cache=args.teacher_cache is not None,  # cached or live logits, wherever they are kept
+        teacher_cache_stride=args.teacher_cache_stride if args.teacher_cache else None,
+        global_batch_size=args.per_device_train_batch_size * accelerator.num_processes
+        * args.gradient_accumulation_steps,
+        mixed_precision=accelerator.mixed_precision)
     return json.loads(json.dumps(settings))  # tuples as lists, as a reread run.json holds them
 
 
@@ -327,13 +297,34 @@ def step_losses(args: argparse.Namespace, s_logits: torch.Tensor, t_logits: torc
     return ce + weight * term, {"ce": ce.detach(), mode: (weight * term).detach(), f"raw_{mode}": term.detach()}
 
 
+def teacher_logits(nets, args: argparse.Namespace, pixel_values: torch.Tensor, accelerator: Accelerator,
+                   cached: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The frozen teacher's logits (B, C, ht, wt), or None when the objective needs no teacher; ``cached``: the
+    batch's from ``--teacher_cache`` instead (float16). The first batch's are checked (one host sync): non-finite
+    teacher logits are the teacher's fault, not a learning rate's."""
+    if nets.teacher is None or args.distill == "none":
+        return None
+    if cached is not None:
+        logits = cached.float()
+    else:
+        with torch.no_grad(), accelerator.autocast():
+            logits = models.segmentation_logits(nets.teacher, nets.teacher_adapter(pixel_values))
+    if not nets.teacher_checked:
+        nets.teacher_checked = True
+        if not torch.isfinite(logits).all():
+            hint = "; try --mixed_precision bf16 or no" if accelerator.mixed_precision == "fp16" else ""
+            hint += f"; then delete --teacher_cache {args.teacher_cache} to rebuild it" if cached is not None else ""
+            raise FloatingPointError(f"the teacher {args.teacher_model_name_or_path} gives NaN/Inf logits on the "
+                                     f"first training batch: its weights are finite, its activations overflow{hint}")
+    return logits
+
+
 # --- Evaluation: a confusion matrix on the device, summed over processes
-@torch.no_grad()
-def predict_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], adapter: Callable) -> list[torch.Tensor]:
-    """Argmax predictions at each label's full resolution, undoing eval padding and resizing."""
+def predict_batch(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Argmax maps (lh, lw) at each label's full resolution from ``logits`` (B, C, h, w) of ``batch``, undoing the
+    evaluation padding and resizing."""
     pixel_values = batch["pixel_values"]
-    logits = models.segmentation_logits(model, adapter(pixel_values)).float()
-    logits = F.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
+    logits = F.interpolate(logits.float(), size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
     preds = []
     for b in range(logits.shape[0]):
         (ih, iw), (lh, lw) = batch["image_sizes"][b].tolist(), batch["label_sizes"][b].tolist()
@@ -344,11 +335,12 @@ def predict_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], adapte
     return preds
 
 
-def evaluate(accelerator: Accelerator, model: torch.nn.Module, dataloader: DataLoader, info: data.DataInfo,
-             adapter: Callable, desc: str = "eval") -> tuple[torch.Tensor | None, int]:
-    """Confusion matrix (C, C) of ``model`` over the evaluation set and the samples skipped as undecodable, both
-    summed over processes (each evaluates its own shard). None when a process was asked to stop: each stops
-    within one batch. Without a terminal, progress is logged every 30 s."""
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, model: torch.nn.Module, adapter: Callable, dataloader: DataLoader,
+             info: data.DataInfo, desc: str = "eval") -> tuple[dict | None, int]:
+    """The metrics (``utils.metrics_from_confusion``) of ``model`` over the evaluation set and the samples skipped
+    as undecodable, both summed over processes (each evaluates its own shard). None when a process was asked to
+    stop: each stops within one batch. Without a terminal, progress is logged every 30 s."""
     was_training = model.training
     model.eval()
     cm = torch.zeros(info.num_labels, info.num_labels, dtype=torch.long, device=accelerator.device)
@@ -365,7 +357,7 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, dataloader: DataL
         # Sizes stay on the CPU: they are read per image, and reading them from the GPU would sync each time.
         batch = {k: v if k.endswith("_sizes") else v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
         with accelerator.autocast():
-            preds = predict_batch(model, batch, adapter)
+            preds = predict_batch(models.segmentation_logits(model, adapter(batch["pixel_values"])), batch)
         for b, pred in enumerate(preds):
             lh, lw = batch["label_sizes"][b].tolist()
             cm += utils.confusion_matrix(pred, batch["labels"][b, :lh, :lw], info.num_labels, info.ignore_index)
@@ -376,61 +368,39 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, dataloader: DataL
     model.train(was_training)
     flags = accelerator.reduce(torch.tensor([skipped, int(stopped)], device=accelerator.device), reduction="sum")
     skipped, stopped = (int(v) for v in flags)
-    if stopped:
-        return None, skipped
-    if skipped:
+    if skipped and not stopped:
         logger.warning(f"{desc}: {skipped} undecodable evaluation samples were skipped")
-    return accelerator.reduce(cm, reduction="sum"), skipped
+    return None if stopped else utils.metrics_from_confusion(accelerator.reduce(cm, reduction="sum")), skipped
 
 
-@torch.no_grad()
-def picture_rows(accelerator: Accelerator, roles: dict[str, tuple[torch.nn.Module, Callable]], eval_ds, eval_hf,
-                 info: data.DataInfo, count: int, temperature: float) -> list[pictures.PictureRow]:
-    """The student's (and teacher's) predictions and row-normalised ICS matrices (C, C) on ``count`` fixed
-    validation images; ``roles`` maps "student" (and "teacher") to (model, input adapter)."""
-    rows = []
-    for index in pictures.picture_indices(len(eval_ds), count):
-        sample = eval_ds[index]
-        if sample.get("skipped"):
-            continue
-        batch = {k: v if k.endswith("_sizes") else v.to(accelerator.device)
-                 for k, v in data.eval_collate([sample]).items() if k != "num_skipped"}
-        label, out = batch["labels"][0], {}
-        for role, (model, adapter) in roles.items():
-            was_training = model.training
-            model.eval()
-            with accelerator.autocast():
-                pred = predict_batch(model, batch, adapter)[0]
-                logits = models.segmentation_logits(model, adapter(batch["pixel_values"])).float()
-            model.train(was_training)
-            ics = losses.row_normalize(losses.ics_matrix(logits, (label != info.ignore_index)[None], temperature))
-            out[role], out[f"{role}_ics"] = pred.cpu().numpy(), ics[0].cpu().numpy()
-        rows.append(pictures.PictureRow(index=index, image=data.decode_image(eval_hf[index][info.image_column]),
-                                        label=label.cpu().numpy(), **out))
-    return rows
+def eval_logs(metrics: dict) -> dict[str, float]:
+    """The metrics a tracker and ``--log_file`` take, as ``eval/*`` (no per-class lists, no undefined means)."""
+    return {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}
 
 
 # --- The pieces main() puts together
-def check_classes(args: argparse.Namespace, info: data.DataInfo) -> None:
-    """One class cannot be segmented (every loss 0, mIoU 100%); with two, the row-normalised ICS matrix is always
-    [[0, 1], [1, 0]], so ICSD would be identically 0: refuse what would train silently wrong."""
+def load_data(args: argparse.Namespace, accelerator: Accelerator):
+    """The training and evaluation splits and their :class:`data.DataInfo`, refused in one line before any model
+    loads when they cannot work: too few classes, a split smaller than a global batch, or a problem of the whole
+    dataset (labels outside the classes, images and masks of different sizes, undecodable files) met in
+    ``PREFLIGHT_SAMPLES`` samples spread over each split. Every other sample is checked when its batch is loaded."""
+    options = dataclasses.replace(data.DataOptions.from_args(args), validation_fraction=args.train_val_split)
+    train_hf, eval_hf, info = data.load_splits(options)
+    for note in info.notes:
+        logger.info(note)
     if info.num_labels < 2:
         raise UsageError(f"the dataset has one class ({info.id2label[0]!r}): segmentation needs at least 2; check "
                          "its id2label.json or --id2label")
-    if info.num_labels == 2 and args.distill in ("icsd", "aicsd"):
+    if info.num_labels == 2 and args.distill in ("icsd", "aicsd"):  # two rows normalised: always [[0, 1], [1, 0]]
         raise UsageError(f"--distill {args.distill} with 2 classes: the inter-class similarity matrix of two classes "
                          "is always [[0, 1], [1, 0]] once its rows are normalised, so ICSD would add nothing (only CE "
                          "and KD would act); use --distill kd, or a dataset of 3 or more classes")
-
-
-def preflight(train_hf, eval_hf, info: data.DataInfo, skip_bad_samples: bool) -> None:
-    """Decode ``PREFLIGHT_SAMPLES`` samples spread over each split as the pipelines will, so that a problem of the
-    whole dataset (labels outside the classes, images and masks of different sizes, undecodable files) stops the
-    run in one line before any model is loaded. Every other sample is checked when its batch is loaded."""
+    data.check_split_sizes(train_hf, eval_hf, args.per_device_train_batch_size, accelerator.num_processes)
     for split in (train_hf, eval_hf):
-        ds = data.build_eval_dataset(split, info, pad_mean=(0.0, 0.0, 0.0), skip_bad_samples=skip_bad_samples)
+        ds = data.build_eval_dataset(split, info, pad_mean=(0.0, 0.0, 0.0), skip_bad_samples=args.skip_bad_samples)
         for index in torch.linspace(0, len(ds) - 1, min(len(ds), PREFLIGHT_SAMPLES)).round().long().unique().tolist():
             ds[index]  # raises DataError naming the sample (or, with skip_bad_samples, warns)
+    return train_hf, eval_hf, info
 
 
 def load_models(args: argparse.Namespace, info: data.DataInfo, accelerator: Accelerator) -> argparse.Namespace:
@@ -448,19 +418,16 @@ def load_models(args: argparse.Namespace, info: data.DataInfo, accelerator: Acce
         nets.teacher_adapter = models.make_input_adapter(
             models.load_image_processor(args.teacher_model_name_or_path, role="teacher", trust_remote_code=trust))
         nets.teacher.to(accelerator.device)  # prepare() refuses a model without trainable parameters
-    nets.min_side = max(check_model(args, role, model) for role, model in (("student", nets.student),
-                                                                           ("teacher", nets.teacher)))
-    sizes = [f"{role} {getattr(args, f'{role}_model_name_or_path')}: {models.count_parameters(m) / 1e6:.2f} M parameters"
-             for role, m in (("student", nets.student), ("teacher", nets.teacher)) if m is not None]
-    logger.info("; ".join(sizes))
+    roles = [("student", nets.student)] + ([("teacher", nets.teacher)] if nets.teacher is not None else [])
+    nets.min_side = max(check_model(args, role, model) for role, model in roles)
+    logger.info("; ".join(f"{role} {getattr(args, f'{role}_model_name_or_path')}: "
+                          f"{models.count_parameters(model) / 1e6:.2f} M parameters" for role, model in roles))
     return nets
 
 
-def check_model(args: argparse.Namespace, role: str, model: torch.nn.Module | None) -> int:
+def check_model(args: argparse.Namespace, role: str, model: torch.nn.Module) -> int:
     """Refuse in one line a model whose weights hold NaN/Inf, and a crop, ``--eval_short_side`` or batch of one
-    that it cannot take (found by dry passes); return the smallest input side it runs on (1 for no model)."""
-    if model is None:
-        return 1
+    that it cannot take (found by dry passes); return the smallest input side it runs on."""
     flag = f"--{role}_model_name_or_path {getattr(args, f'{role}_model_name_or_path')}"
     if (bad := utils.first_nonfinite(model)) is not None:
         raise UsageError(f"{flag}: the {role}'s weights hold NaN/Inf (first in {bad}); train it again or load "
@@ -528,6 +495,14 @@ def alw_alpha_at(args: argparse.Namespace, plan: argparse.Namespace, epoch: int,
     return alw.alw_alpha(epoch if args.alw_granularity == "epoch" else step, plan.alw_total)
 
 
+def lr_schedule(args: argparse.Namespace, optimizer, max_train_steps: int) -> Callable[[int], float]:
+    """The learning-rate factor of each optimizer step (0-based), from transformers' schedule of that name; a pure
+    function of the step, so that a resumed run sets exactly the rates an uninterrupted one did."""
+    kwargs = {"power": 0.9, "lr_end": 0.0} if args.lr_scheduler_type == "polynomial" else None
+    return get_scheduler(args.lr_scheduler_type, optimizer.optimizer, num_warmup_steps=args.num_warmup_steps,
+                         num_training_steps=max_train_steps, scheduler_specific_kwargs=kwargs).lr_lambdas[0]
+
+
 def epoch_loader(accelerator: Accelerator, loaders: argparse.Namespace, epoch: int, skip_batches: int):
     """The training loader of ``epoch``, past its first ``skip_batches`` batches (a resumed epoch)."""
     loader = accelerator.skip_first_batches(loaders.train, skip_batches) if skip_batches else loaders.train
@@ -537,39 +512,6 @@ def epoch_loader(accelerator: Accelerator, loaders: argparse.Namespace, epoch: i
     loaders.sampler.set_epoch(epoch)
     loaders.train_ds.set_epoch(epoch)
     return loader
-
-
-def teacher_logits(nets, args: argparse.Namespace, pixel_values: torch.Tensor, accelerator: Accelerator,
-                   cached: torch.Tensor | None = None):
-    """The frozen teacher's logits (B, C, ht, wt), or None when the objective needs no teacher; ``cached``: the
-    batch's from ``--teacher_cache`` instead (float16). The first batch's are checked (one host sync): non-finite
-    teacher logits are the teacher's fault, not a learning rate's."""
-    if nets.teacher is None or args.distill == "none":
-        return None
-    if cached is not None:
-        logits = cached.float()
-    else:
-        with torch.no_grad(), accelerator.autocast():
-            logits = models.segmentation_logits(nets.teacher, nets.teacher_adapter(pixel_values))
-    if not nets.teacher_checked:
-        nets.teacher_checked = True
-        if not torch.isfinite(logits).all():
-            hint = "; try --mixed_precision bf16 or no" if accelerator.mixed_precision == "fp16" else ""
-            hint += f"; then delete --teacher_cache {args.teacher_cache} to rebuild it" if cached is not None else ""
-            raise FloatingPointError(f"the teacher {args.teacher_model_name_or_path} gives NaN/Inf logits on the "
-                                     f"first training batch: its weights are finite, its activations overflow{hint}")
-    return logits
-
-
-def optimizer_step(args, accelerator: Accelerator, student, optimizer, schedule: Callable[[int], float],
-                   step: int) -> None:
-    """Clip, set the learning rate of optimizer step ``step`` (a pure function of it: resume is exact), step."""
-    if args.max_grad_norm is not None:
-        accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
-    for group in optimizer.param_groups:
-        group["lr"] = args.learning_rate * schedule(step)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 def setup_logging(accelerator: Accelerator, seed: int) -> None:
@@ -584,38 +526,7 @@ def setup_logging(accelerator: Accelerator, seed: int) -> None:
     utils.install_stop_handlers()
 
 
-def lr_schedule(args: argparse.Namespace, optimizer, max_train_steps: int) -> Callable[[int], float]:
-    """The learning-rate factor of each optimizer step (0-based), from transformers' schedule of that name; a pure
-    function of the step, so that a resumed run sets exactly the rates an uninterrupted one did."""
-    kwargs = {"power": 0.9, "lr_end": 0.0} if args.lr_scheduler_type == "polynomial" else None
-    return get_scheduler(args.lr_scheduler_type, optimizer.optimizer, num_warmup_steps=args.num_warmup_steps,
-                         num_training_steps=max_train_steps, scheduler_specific_kwargs=kwargs).lr_lambdas[0]
-
-
-def evaluate_teacher(args, accelerator: Accelerator, nets, loaders, info: data.DataInfo) -> dict:
-    """``--eval_teacher``: the teacher's metrics as ``teacher_eval_*`` (empty when not asked, or stopped)."""
-    if not args.eval_teacher or nets.teacher is None:
-        return {}
-    cm, _ = evaluate(accelerator, nets.teacher, loaders.eval, info, nets.teacher_adapter, "eval teacher")
-    if cm is None:  # stopped by SIGTERM, and so is training, at its first step
-        return {}
-    results = {f"teacher_eval_{k}": v for k, v in utils.metrics_from_confusion(cm).items()}
-    logger.info(f"teacher: {utils.format_metrics(results, 'teacher_eval_')}")
-    return results
-
-
-def evaluate_student(accelerator: Accelerator, student, loaders, info, nets, step: int, log) -> bool:
-    """A mid-training evaluation, logged as ``eval/*``; False when it was stopped (SIGTERM) before its end."""
-    cm, _ = evaluate(accelerator, accelerator.unwrap_model(student), loaders.eval, info, nets.student_adapter)
-    student.train()
-    if cm is None:
-        return False
-    metrics = utils.metrics_from_confusion(cm)
-    logger.info(f"step {step}: {utils.format_metrics(metrics)}")
-    log({f"eval/{k}": v for k, v in metrics.items() if not k.startswith("per_")}, step)
-    return True
-
-
+# --- After training: the export, all or nothing
 def save_model(args, accelerator: Accelerator, student, nets) -> None:
     """The trained student for ``from_pretrained`` (weights, config, an image processor that prepares images as
     evaluation does), moved into place all or nothing, before the final evaluation measures exactly it."""
@@ -631,6 +542,29 @@ def save_model(args, accelerator: Accelerator, student, nets) -> None:
 
 
 @torch.no_grad()
+def picture_rows(accelerator: Accelerator, roles: dict[str, tuple[torch.nn.Module, Callable]], eval_ds, eval_hf,
+                 info: data.DataInfo, count: int, temperature: float) -> list[pictures.PictureRow]:
+    """The predictions and row-normalised ICS matrices (C, C) on ``count`` fixed validation images of each role:
+    "student" (and "teacher") mapped to (model in eval mode, input adapter)."""
+    rows = []
+    for index in pictures.picture_indices(len(eval_ds), count):
+        if (sample := eval_ds[index]).get("skipped"):
+            continue
+        batch = {k: v if k.endswith("_sizes") else v.to(accelerator.device)
+                 for k, v in data.eval_collate([sample]).items() if k != "num_skipped"}
+        label, out = batch["labels"][0], {}
+        for role, (model, adapter) in roles.items():
+            with accelerator.autocast():
+                logits = models.segmentation_logits(model, adapter(batch["pixel_values"]))
+                out[role] = predict_batch(logits, batch)[0].cpu().numpy()
+            ics = losses.ics_matrix(logits.float(), (label != info.ignore_index)[None], temperature)
+            out[f"{role}_ics"] = losses.row_normalize(ics)[0].cpu().numpy()
+        rows.append(pictures.PictureRow(index=index, image=data.decode_image(eval_hf[index][info.image_column]),
+                                        label=label.cpu().numpy(), **out))
+    return rows
+
+
+@torch.no_grad()
 def inference_timing(accelerator: Accelerator, roles: dict, eval_ds) -> utils_hub.InferenceTiming | None:
     """Milliseconds per image of each role's forward pass (the median of 5, after a warm-up) on the first
     validation image at the evaluation size, on this device: what the card's speed sentence says."""
@@ -638,19 +572,18 @@ def inference_timing(accelerator: Accelerator, roles: dict, eval_ds) -> utils_hu
     if sample is None:
         return None
     pixels, times = data.eval_collate([sample])["pixel_values"].to(accelerator.device), {}  # padded as evaluated
+    cuda = accelerator.device.type == "cuda"
     for role, (model, adapter) in roles.items():
-        was_training, laps = model.training, []
-        model.eval()
+        laps = []
         for _ in range(6):
             started = time.perf_counter()
             with accelerator.autocast():
                 models.segmentation_logits(model, adapter(pixels))
-            if accelerator.device.type == "cuda":
+            if cuda:
                 torch.cuda.synchronize()
             laps.append(1000 * (time.perf_counter() - started))
-        model.train(was_training)
         times[role] = sorted(laps[1:])[2]
-    device = torch.cuda.get_device_name() if accelerator.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     return utils_hub.InferenceTiming(device=device, student_ms=times["student"], teacher_ms=times.get("teacher"),
                                      image_size=tuple(pixels.shape[-2:]))
 
@@ -658,7 +591,7 @@ def inference_timing(accelerator: Accelerator, roles: dict, eval_ds) -> utils_hu
 def save_card(args, accelerator: Accelerator, student, nets, loaders, eval_hf, info, results: dict) -> None:
     """Next to the saved model: the pictures, ``all_results.json`` and the model card (all or nothing); the push."""
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(student)
+    unwrapped = accelerator.unwrap_model(student).eval()  # training is over
     roles = {"student": (unwrapped, nets.student_adapter)}
     if nets.teacher is not None:
         roles["teacher"] = (nets.teacher, nets.teacher_adapter)
@@ -668,14 +601,14 @@ def save_card(args, accelerator: Accelerator, student, nets, loaders, eval_hf, i
     with utils.ExportWriter(accelerator, args.output_dir, 2**20, keep_others=True) as staging:
         if accelerator.is_main_process:
             (staging / utils_hub.RESULTS_FILE).write_text(json.dumps(results, indent=2))
-            teacher = None if nets.teacher is None else utils_hub.describe_model(args.teacher_model_name_or_path,
-                                                                                 nets.teacher)
+            describe = utils_hub.describe_model
             split = str(getattr(eval_hf, "split", None) or "validation")
             utils_hub.export_folder(
                 staging, args=args, info=info, results=results, processor=nets.processor, rows=rows, argv=sys.argv,
-                student=utils_hub.describe_model(args.student_model_name_or_path, unwrapped), teacher=teacher,
+                student=describe(args.student_model_name_or_path, unwrapped), timing=timing,
+                teacher=None if nets.teacher is None else describe(args.teacher_model_name_or_path, nets.teacher),
                 dataset=utils_hub.describe_dataset(info, split, len(loaders.eval_ds), args.max_eval_samples is not None),
-                timing=timing)
+            )
     if args.push_to_hub and accelerator.is_main_process:
         utils_hub.push_to_hub(args.output_dir, args.hub_model_id, private=args.hub_private_repo,
                               commit_message=f"AICSD student ({args.distill})")
@@ -695,16 +628,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     run = utils.claim_output_dir(accelerator, args.output_dir, run_settings(args, accelerator), sources,
                                  args.resume_from_checkpoint, args.overwrite_output_dir, args.log_file)
 
-    # Load dataset
-    options = dataclasses.replace(data.DataOptions.from_args(args), validation_fraction=args.train_val_split)
-    train_hf, eval_hf, info = data.load_splits(options)
-    for note in info.notes:
-        logger.info(note)
-    check_classes(args, info)
-    data.check_split_sizes(train_hf, eval_hf, args.per_device_train_batch_size, accelerator.num_processes)
-    preflight(train_hf, eval_hf, info, args.skip_bad_samples)
-
-    # Load models, data loaders and optimizer; prepare everything with our accelerator
+    # Data and models, checked; then the loaders, the optimizer, the schedule and the trackers
+    train_hf, eval_hf, info = load_data(args, accelerator)
     nets = load_models(args, info, accelerator)
     loaders = build_dataloaders(args, train_hf, eval_hf, info, nets, accelerator)
     if args.teacher_cache:  # one teacher pass over the training images: the batches then carry its logits
@@ -720,14 +645,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         accelerator.init_trackers("aicsd", {k: v if isinstance(v, (int, float, bool)) else utils_hub.redact(str(v))
                                             for k, v in vars(args).items()})  # no path of this machine
     log = utils.metric_logger(accelerator, args.with_tracking, args.log_file)
-    results = evaluate_teacher(args, accelerator, nets, loaders, info)
+    results = {}
+    if args.eval_teacher and nets.teacher is not None:  # stopped by SIGTERM: so is training, at its first step
+        metrics, _ = evaluate(accelerator, nets.teacher, nets.teacher_adapter, loaders.eval, info, "eval teacher")
+        if metrics is not None:
+            results = {f"teacher_eval_{k}": v for k, v in metrics.items()}
+            logger.info(f"teacher: {utils.format_metrics(metrics)}")
 
-    # Resume
     extra = {"schedule": {"max_train_steps": plan.max_train_steps}, "alw_total": plan.alw_total,
              "alw_granularity": args.alw_granularity, "distill": args.distill}
     state = utils.resume_or_start(accelerator, run, args.resume_from_checkpoint, extra["schedule"])
-
-    # Train!
     batch_samples = args.per_device_train_batch_size * accelerator.num_processes  # one micro-batch, all processes
     logger.info(f"***** {args.distill}: {len(loaders.train_ds)} training images, {utils.plural(plan.num_epochs, 'epoch')}, "
                 f"{plan.max_train_steps} steps, global batch {batch_samples * args.gradient_accumulation_steps}, "
@@ -766,7 +693,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 raise FloatingPointError(f"non-finite loss at step {state.completed_steps + 1} (epoch {epoch}), term "
                                          f"{outcome.nonfinite_term}; lower --learning_rate or set --max_grad_norm, "
                                          "then resume from the last checkpoint")
-            optimizer_step(args, accelerator, student, optimizer, schedule, state.completed_steps)
+            if args.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+            for group in optimizer.param_groups:  # a pure function of the step: a resume sets the same rates
+                group["lr"] = args.learning_rate * schedule(state.completed_steps)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             state.completed_steps += 1
             sitting_steps += 1
             progress.update(1)
@@ -780,7 +712,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 log(logs, step)
             stop = outcome.stop  # a SIGTERM during a mid-training evaluation stops it too
             if args.eval_steps and step % args.eval_steps == 0 and not last:
-                stop |= not evaluate_student(accelerator, student, loaders, info, nets, step, log)
+                metrics, _ = evaluate(accelerator, accelerator.unwrap_model(student), nets.student_adapter,
+                                      loaders.eval, info)
+                if metrics is None:
+                    stop = True
+                else:
+                    logger.info(f"step {step}: {utils.format_metrics(metrics)}")
+                    log(eval_logs(metrics), step)
             stop_reason = utils.stop_cause() if stop else None
             if (plan.checkpoint_every and step % plan.checkpoint_every == 0) or stop_reason:
                 path = utils.save_checkpoint(accelerator, student, run, state, extra, args.checkpoints_total_limit)
@@ -795,9 +733,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not stop_reason:
         save_model(args, accelerator, student, nets)
         with utils.report_saved_model(args.output_dir):
-            cm, eval_skipped = evaluate(accelerator, accelerator.unwrap_model(student), loaders.eval, info,
-                                        nets.student_adapter)
-        if cm is None:  # SIGTERM: with a checkpoint of this step, a resume evaluates and finishes
+            metrics, eval_skipped = evaluate(accelerator, accelerator.unwrap_model(student), nets.student_adapter,
+                                             loaders.eval, info)
+        if metrics is None:  # SIGTERM: with a checkpoint of this step, a resume evaluates and finishes
             stop_reason = f"{utils.stop_cause()} during the final evaluation"
             utils.save_checkpoint(accelerator, student, run, state, extra, args.checkpoints_total_limit)
     if stop_reason:
@@ -805,18 +743,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
                        f"--resume_from_checkpoint latest")
         utils.end_run(accelerator)
         return {"stopped": stop_reason, "train_steps": state.completed_steps}
-    results.update({f"eval_{k}": v for k, v in utils.metrics_from_confusion(cm).items()})
+    results.update({f"eval_{k}": v for k, v in metrics.items()})
     results.update(train_steps=state.completed_steps, train_runtime_s=round(time.time() - sitting, 2),
                    skipped_samples=state.skipped_samples, eval_skipped_samples=eval_skipped,
                    num_processes=accelerator.num_processes, distill=args.distill)
-    logger.info(f"final: {utils.format_metrics(results, 'eval_')}")
+    logger.info(f"final: {utils.format_metrics(metrics)}")
     if state.skipped_samples:
         logger.warning(f"{state.skipped_samples} undecodable training samples were skipped")
-    log({f"eval/{k[5:]}": v for k, v in results.items() if k.startswith("eval_") and isinstance(v, float)},
-        state.completed_steps)
-
-    # Pictures, results and model card (and push)
-    with utils.report_saved_model(args.output_dir):
+    log(eval_logs(metrics), state.completed_steps)
+    with utils.report_saved_model(args.output_dir):  # pictures, results and model card (and push)
         save_card(args, accelerator, student, nets, loaders, eval_hf, info, results)
     utils.training_done()  # nothing is left to save: a SIGTERM from now on ends the process at once
     utils.end_run(accelerator)

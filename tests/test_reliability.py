@@ -779,7 +779,9 @@ def test_killing_the_launcher_stops_every_rank_within_seconds(tmp_path, launcher
             if running(pid):
                 os.kill(pid, signal.SIGKILL)
     text = log.read_text()
-    assert text.count(f"the launcher (pid {proc.pid}) is gone") == 2, text[-3000:]
+    # A rank whose watcher has not polled yet (every 0.5 s) when the other's stop request reaches it just
+    # follows that request: on a busy machine one line, not two, is the expected race, not a failure.
+    assert text.count(f"the launcher (pid {proc.pid}) is gone") in (1, 2), text[-3000:]
     # Rank 0 names its own watcher's finding, or the other rank's request when that rank noticed first.
     causes = re.findall(r"(the launcher's exit|a stop request of another process): checkpoint saved at step \d+", text)
     assert len(causes) == 1 and "SIGTERM: checkpoint saved" not in text, text[-3000:]

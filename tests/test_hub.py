@@ -271,6 +271,9 @@ def test_speed_sentence_compares_student_and_teacher_when_both_are_timed_and_sco
     assert "On CPU the student takes 31.2 ms per image (0.46 M parameters).\n" in alone and "faster" not in alone
     unscored = {k: v for k, v in res.items() if not k.startswith("teacher_")}
     assert "faster" not in _card(res=unscored, timing=timing, **kw).text  # the teacher's mIoU is unknown
+    # A student slower than its teacher (a timing on a busy machine, or a wider student) is said so, not "0.3×".
+    slower = utils_hub.InferenceTiming(device="CPU", student_ms=30.0, teacher_ms=10.0)
+    assert "**3.0× slower than its teacher at 92% of its mIoU**" in _card(res=res, timing=slower, **kw).text
     assert "### Speed" not in _card(res=res, **kw).text
     with pytest.raises(ValueError, match="inference times must be > 0 ms"):
         utils_hub.InferenceTiming(device="CPU", student_ms=0.0)

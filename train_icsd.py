@@ -583,7 +583,7 @@ def inference_timing(accelerator: Accelerator, roles: dict, eval_ds) -> utils_hu
                 torch.cuda.synchronize()
             laps.append(1000 * (time.perf_counter() - started))
         times[role] = sorted(laps[1:])[2]
-    device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({utils.plural(torch.get_num_threads(), 'thread')})"
     return utils_hub.InferenceTiming(device=device, student_ms=times["student"], teacher_ms=times.get("teacher"),
                                      image_size=tuple(pixels.shape[-2:]))
 

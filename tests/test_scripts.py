@@ -1,5 +1,5 @@
-"""Smoke tests of the user-facing scripts: the offline demo, tools/study.py (--quick), tools/loss_scales.py and
-tools/compare.py."""
+"""Smoke tests of the user-facing scripts: the offline demo, tools/study.py (--quick), tools/loss_scales.py,
+tools/compare.py and tools/bench_inference.py."""
 
 from __future__ import annotations
 
@@ -88,6 +88,21 @@ def test_loss_scales_prints_one_row_per_student():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| config:")]
     assert len(rows) == 2 and all(len(r.split("|")) == 8 for r in rows)
+
+
+def test_bench_inference_times_each_model_against_the_first(tmp_path):
+    # A saved folder (read with its own classes) and a config: preset, each timed; the first is the reference.
+    import models
+
+    folder = tmp_path / "small"
+    models.load_model("config:segformer-tiny", {0: "a", 1: "b", 2: "c"}).save_pretrained(folder)
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_inference.py"), str(folder), "config:segformer-tiny",
+           "--size", "64", "64", "--repeats", "3", "--threads", "1"]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1:4] for line in proc.stdout.splitlines() if line.startswith(("| /", "| config:"))]
+    assert [r[0].strip() for r in rows] == [str(folder), "config:segformer-tiny"], proc.stdout
+    assert rows[0][2].strip() == "1.00×" and all(float(r[1]) > 0 for r in rows)
 
 
 def test_compare_prints_one_row_per_run(tmp_path):

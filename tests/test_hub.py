@@ -202,7 +202,7 @@ def test_card_text_describes_the_run_and_the_folder_holds_no_path_or_token(expor
     assert "![" in text and "(predictions.png)" in text and "(ics.png)" in text
     # The speed sentence, measured by the run on this machine: both models timed on the same validation image
     # (the same size here, so either may time faster).
-    speed = re.search(r"On CPU \(\d+ threads?\) \((\d+)x(\d+) px images\) the student takes ([\d.]+) ms per image "
+    speed = re.search(r"On CPU \((?:1 thread|[2-9]\d* threads|1\d+ threads)\) \((\d+)x(\d+) px images\) the student takes ([\d.]+) ms per image "
                       r"\(0\.46 M parameters\), its teacher ([\d.]+) ms \(0\.46 M parameters\): "
                       r"\*\*([\d.]+)× (faster|slower)", text)
     assert speed and float(speed.group(3)) > 0 and float(speed.group(4)) > 0, text[text.find("### Speed"):][:400]
